@@ -1,0 +1,242 @@
+"""Sharded safetensors checkpoints: a lazy reader and a size-capped writer.
+
+Neither loads a whole shard.  The reader parses each shard's JSON header and
+reads one tensor's bytes at a time (one shard file open at once); the writer
+lays out every shard's header up front, so tensors are streamed into place one
+by one and untouched tensors are copied file-to-file by the kernel
+(`copy_file_range`) without passing through Python memory.  Peak memory is one
+tensor, not one shard, whatever the model size.  Knows nothing of adapters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import struct
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from merger.errors import D2LoraError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class CheckpointError(D2LoraError):
+    """The base checkpoint is missing, unreadable or not safetensors."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # safetensors name, e.g. "BF16"
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredTensor:
+    spec: TensorSpec
+    file: Path
+    offset: int  # absolute byte offset of the data in the file
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and the offset where data begins."""
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) != 8:
+            raise CheckpointError(f"{path.name}: not a safetensors file (too short)")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > 100 << 20 or length > path.stat().st_size:
+            raise CheckpointError(f"{path.name}: not a safetensors file (bad header length)")
+        try:
+            header = json.loads(f.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path.name}: not a safetensors file (bad header)") from None
+    return header, 8 + length
+
+
+def _stored_tensors(path: Path) -> Iterator[StoredTensor]:
+    header, data_start = read_header(path)
+    header.pop("__metadata__", None)
+    for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        if info["dtype"] not in DTYPES:
+            raise CheckpointError(f"{path.name}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        spec = TensorSpec(name, info["dtype"], tuple(info["shape"]))
+        yield StoredTensor(spec, path, data_start + info["data_offsets"][0])
+
+
+def _shard_files(base_dir: Path) -> list[Path]:
+    index = base_dir / INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [base_dir / name for name in dict.fromkeys(weight_map.values())]
+    if (base_dir / SINGLE_NAME).is_file():
+        return [base_dir / SINGLE_NAME]
+    if any((base_dir / name).exists() for name in PICKLE_WEIGHTS):
+        raise CheckpointError(f"{base_dir}: only pickle weights found; safetensors are required")
+    raise CheckpointError(f"{base_dir}: no {SINGLE_NAME} or {INDEX_NAME}")
+
+
+class CheckpointReader:
+    """Tensor metadata of a whole checkpoint; tensor bytes read on demand."""
+
+    def __init__(self, base_dir: str | Path):
+        self.base_dir = Path(base_dir)
+        if not self.base_dir.is_dir():
+            raise CheckpointError(f"{self.base_dir}: no such folder")
+        self.tensors: dict[str, StoredTensor] = {}
+        for shard in _shard_files(self.base_dir):
+            if not shard.is_file():
+                raise CheckpointError(f"{shard.name}: listed in the index but missing")
+            self.tensors.update({t.spec.name: t for t in _stored_tensors(shard)})
+        self._open: tuple[Path, int] | None = None
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: t.spec.shape for name, t in self.tensors.items()}
+
+    def _fd(self, path: Path) -> int:
+        """The one open shard; opening another closes it."""
+        if self._open is None or self._open[0] != path:
+            self.close()
+            self._open = (path, os.open(path, os.O_RDONLY))
+        return self._open[1]
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor, copied into fresh memory in its stored dtype."""
+        stored = self.tensors[name]
+        data = bytearray(stored.spec.nbytes)
+        view, fd, done = memoryview(data), self._fd(stored.file), 0
+        while done < len(data):
+            n = os.preadv(fd, [view[done:]], stored.offset + done)
+            if n == 0:
+                raise CheckpointError(f"{stored.file.name}: truncated at tensor {name!r}")
+            done += n
+        dtype = DTYPES[stored.spec.dtype]
+        if not data:
+            return torch.empty(stored.spec.shape, dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype).reshape(stored.spec.shape)
+
+    def copy_into(self, name: str, dst_fd: int) -> None:
+        """Append one tensor's stored bytes to dst_fd, file to file."""
+        stored = self.tensors[name]
+        _copy_range(self._fd(stored.file), stored.offset, dst_fd, stored.spec.nbytes)
+
+    def close(self) -> None:
+        if self._open is not None:
+            os.close(self._open[1])
+            self._open = None
+
+
+def _copy_range(src_fd: int, src_offset: int, dst_fd: int, count: int) -> None:
+    while count > 0:
+        try:
+            n = os.copy_file_range(src_fd, dst_fd, min(count, 1 << 30), src_offset)
+        except OSError:  # e.g. across file systems on old kernels: fall back to read/write
+            n = os.write(dst_fd, os.pread(src_fd, min(count, 64 << 20), src_offset))
+        if n == 0:
+            raise CheckpointError("source file truncated while copying")
+        src_offset, count = src_offset + n, count - n
+
+
+def plan_shards(specs: Iterable[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Split tensors, in order, into shards of at most max_shard_bytes (one big tensor may exceed)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards if shards[0] else []
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def _header_bytes(specs: list[TensorSpec]) -> bytes:
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for spec in specs:
+        header[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardWriter:
+    """Writes one safetensors shard whose layout is fixed when it is opened.
+
+    Tensors must arrive in the order of `specs`; each is checked against its spec.
+    """
+
+    def __init__(self, path: Path, specs: list[TensorSpec]):
+        self.path, self.specs, self._next = path, specs, 0
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(self.fd, _header_bytes(specs))
+
+    def _expect(self, name: str) -> TensorSpec:
+        spec = self.specs[self._next]
+        if spec.name != name:
+            raise CheckpointError(f"writer expected tensor {spec.name!r}, got {name!r}")
+        self._next += 1
+        return spec
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        spec = self._expect(name)
+        if DTYPE_NAMES[tensor.dtype] != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise CheckpointError(f"tensor {name!r}: {tensor.dtype} {list(tensor.shape)} does not match its spec")
+        raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        view = memoryview(raw)
+        while view:
+            view = view[os.write(self.fd, view):]
+
+    def copy(self, name: str, reader: CheckpointReader) -> None:
+        spec = self._expect(name)
+        if reader.tensors[name].spec != spec:
+            raise CheckpointError(f"tensor {name!r}: stored form differs from the output spec")
+        reader.copy_into(name, self.fd)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            os.close(self.fd)
+
+    def close(self) -> None:
+        try:
+            if self._next != len(self.specs):
+                raise CheckpointError(f"{self.path.name}: {len(self.specs) - self._next} tensors were not written")
+            os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+
+
+def write_index(out_dir: Path, shards: list[list[TensorSpec]]) -> None:
+    weight_map = {s.name: shard_name(i, len(shards)) for i, shard in enumerate(shards) for s in shard}
+    total = sum(s.nbytes for shard in shards for s in shard)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,114 @@
+"""The maths of SPEC §1 as pure tensor functions: the one source of truth.
+
+Every adapter kind fuses a Linear weight into the same shape of result:
+
+    Ŵ = s ⊙ (W0 + ΔW) + c · ΔW        s: (out, 1) per-row scale, c ∈ {0, 1}
+
+    D²-LoRA  s = n0 / ‖W0 + ΔW‖_row    c = 1   (Eq. 3: the residual is added again)
+    DoRA     s = m  / ‖W0 + ΔW‖_row    c = 0
+    LoRA     s = 1                      c = 0
+
+so the merged weight, the unmerged forward used for verification and the
+training layer all call the functions below. Nothing here knows about files.
+Tensors are in torch layout, W0: (out, in).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from merger.errors import D2LoraError
+
+COMPUTE_DTYPE = torch.float32
+NORM_DTYPE = torch.float64
+
+
+class FusionError(D2LoraError):
+    """A fused weight cannot be formed (zero row norm, non-finite values)."""
+
+
+def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
+    """s = alpha / r, or alpha / sqrt(r) with rank-stabilised LoRA."""
+    return lora_alpha / (math.sqrt(r) if use_rslora else r)
+
+
+def low_rank_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """ΔW = s · B A in fp32.  a: (r, in), b: (out, r) -> (out, in)."""
+    return scaling * (b.to(COMPUTE_DTYPE) @ a.to(COMPUTE_DTYPE))
+
+
+def d2lora_delta(
+    a_pos: torch.Tensor,
+    b_pos: torch.Tensor,
+    a_neg: torch.Tensor,
+    b_neg: torch.Tensor,
+    scaling: float,
+    tau: float,
+) -> torch.Tensor:
+    """ΔW = s · (B₊A₊ − τ·B₋A₋) in fp32.  a_*: (r, in), b_*: (out, r) -> (out, in).
+
+    Written as one matmul of the concatenated factors, [B₊, −τB₋] @ [A₊; A₋],
+    so the sum is accumulated once in fp32 rather than as two rounded products.
+    """
+    b = torch.cat([b_pos.to(COMPUTE_DTYPE), -tau * b_neg.to(COMPUTE_DTYPE)], dim=1)  # (out, 2r)
+    a = torch.cat([a_pos.to(COMPUTE_DTYPE), a_neg.to(COMPUTE_DTYPE)], dim=0)  # (2r, in)
+    return scaling * (b @ a)
+
+
+def row_norm(w: torch.Tensor) -> torch.Tensor:
+    """L2 norm of every output row, accumulated in float64.  (out, in) -> (out, 1)."""
+    return torch.linalg.vector_norm(w.to(NORM_DTYPE), dim=1, keepdim=True)
+
+
+def directional_scale(target_norm: torch.Tensor, w_adapted: torch.Tensor) -> torch.Tensor:
+    """s = target / ‖W′‖_row as fp32, (out, 1).  Raises FusionError on a zero row."""
+    adapted_norm = row_norm(w_adapted)  # (out, 1) float64
+    if bool((adapted_norm == 0).any()):
+        rows = (adapted_norm.squeeze(1) == 0).nonzero().flatten()[:5].tolist()
+        raise FusionError(f"adapted weight has zero norm in rows {rows}")
+    return (target_norm.to(NORM_DTYPE) / adapted_norm).to(COMPUTE_DTYPE)
+
+
+def d2lora_row_scale(w0: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """n0 / n′ with n0 = ‖W0‖_row, n′ = ‖W0 + ΔW‖_row.  -> (out, 1) fp32."""
+    w0 = w0.to(COMPUTE_DTYPE)
+    return directional_scale(row_norm(w0), w0 + delta)
+
+
+def dora_row_scale(w0: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """m / ‖W0 + ΔW‖_row.  magnitude: (out,) -> (out, 1) fp32."""
+    return directional_scale(magnitude.reshape(-1, 1), w0.to(COMPUTE_DTYPE) + delta)
+
+
+def fuse(
+    w0: torch.Tensor, delta: torch.Tensor, row_scale: torch.Tensor | None, add_residual: bool
+) -> torch.Tensor:
+    """Ŵ = s ⊙ (W0 + ΔW) + c·ΔW in fp32.  w0, delta: (out, in); row_scale: (out, 1) or None."""
+    adapted = w0.to(COMPUTE_DTYPE) + delta  # W′ (out, in)
+    fused = adapted if row_scale is None else row_scale * adapted
+    return fused + delta if add_residual else fused
+
+
+def combine_outputs(
+    base_out: torch.Tensor,
+    delta_out: torch.Tensor,
+    row_scale: torch.Tensor | None,
+    add_residual: bool,
+) -> torch.Tensor:
+    """The unmerged forward, y = s ⊙ (W0 x + ΔW x) + c·ΔW x, without bias.
+
+    base_out, delta_out: (..., out); row_scale: (out, 1) or None.  Equal to
+    x @ fuse(...).T up to rounding, without ever forming Ŵ.
+    """
+    adapted = base_out + delta_out
+    if row_scale is not None:
+        adapted = adapted * row_scale.reshape(-1).to(adapted.dtype)
+    return adapted + delta_out if add_residual else adapted
+
+
+def check_finite(fused: torch.Tensor, module: str) -> None:
+    """Raise FusionError naming the module if Ŵ holds NaN or ±inf."""
+    if not bool(torch.isfinite(fused).all()):
+        raise FusionError(f"{module}: fused weight has non-finite values")

@@ -1,0 +1,126 @@
+"""Adapter kinds as a registry of small strategy classes.
+
+A kind knows which factor tensors a module carries, their shapes, and how they
+turn into ΔW and the per-row scale of merger.formula. It knows nothing of files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+
+from merger import formula
+from merger.config import AdapterConfig, AdapterConfigError
+
+Factors = dict[str, torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleAdapter:
+    """One adapted module: its path in the base model, its factors and scaling."""
+
+    path: str  # e.g. "model.layers.0.self_attn.q_proj"
+    factors: Factors
+    scaling: float
+    tau: float
+    fan_in_fan_out: bool
+
+    @property
+    def weight_key(self) -> str:
+        return f"{self.path}.weight"
+
+
+class AdapterKind:
+    """The strategy for one adapter family.  Subclasses set the class vars."""
+
+    name: ClassVar[str]
+    factor_names: ClassVar[tuple[str, ...]]
+    add_residual: ClassVar[bool] = False
+
+    def factor_shapes(self, r: int, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
+        raise NotImplementedError
+
+    def delta(self, module: ModuleAdapter) -> torch.Tensor:
+        """ΔW in fp32, torch layout.  -> (out, in)"""
+        raise NotImplementedError
+
+    def row_scale(self, w0: torch.Tensor, delta: torch.Tensor, module: ModuleAdapter) -> torch.Tensor | None:
+        """The per-row scale s of the formula, (out, 1), or None for plain addition."""
+        return None
+
+    def fuse(self, w0_stored: torch.Tensor, module: ModuleAdapter) -> torch.Tensor:
+        """Ŵ in fp32, in the stored layout of w0 ((in, out) when fan_in_fan_out)."""
+        w0 = w0_stored.T if module.fan_in_fan_out else w0_stored  # (out, in)
+        w0 = w0.to(formula.COMPUTE_DTYPE)
+        delta = self.delta(module)  # (out, in)
+        fused = formula.fuse(w0, delta, self.row_scale(w0, delta, module), self.add_residual)
+        formula.check_finite(fused, module.path)
+        return fused.T if module.fan_in_fan_out else fused
+
+
+def _lora_shapes(r: int, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
+    return {"lora_A.weight": (r, in_features), "lora_B.weight": (out_features, r)}
+
+
+class LoraKind(AdapterKind):
+    name = "LORA"
+    factor_names = ("lora_A.weight", "lora_B.weight")
+
+    def factor_shapes(self, r, out_features, in_features):
+        return _lora_shapes(r, out_features, in_features)
+
+    def delta(self, module):
+        f = module.factors
+        return formula.low_rank_delta(f["lora_A.weight"], f["lora_B.weight"], module.scaling)
+
+
+class DoraKind(LoraKind):
+    """PEFT DoRA: Ŵ = (m / ‖W0 + ΔW‖_row) · (W0 + ΔW), m = lora_magnitude_vector."""
+
+    name = "DORA"
+    factor_names = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+
+    def factor_shapes(self, r, out_features, in_features):
+        return {**_lora_shapes(r, out_features, in_features), "lora_magnitude_vector": (out_features,)}
+
+    def row_scale(self, w0, delta, module):
+        return formula.dora_row_scale(w0, delta, module.factors["lora_magnitude_vector"])
+
+
+class D2LoraKind(AdapterKind):
+    """D²-LoRA: ΔW = s(B₊A₊ − τB₋A₋), Ŵ = (n0/n′)(W0 + ΔW) + ΔW."""
+
+    name = "D2LORA"
+    factor_names = ("lora_A.weight", "lora_B.weight", "lora_A_neg.weight", "lora_B_neg.weight")
+    add_residual = True
+
+    def factor_shapes(self, r, out_features, in_features):
+        neg = {"lora_A_neg.weight": (r, in_features), "lora_B_neg.weight": (out_features, r)}
+        return {**_lora_shapes(r, out_features, in_features), **neg}
+
+    def delta(self, module):
+        f = module.factors
+        return formula.d2lora_delta(
+            f["lora_A.weight"], f["lora_B.weight"],
+            f["lora_A_neg.weight"], f["lora_B_neg.weight"],
+            module.scaling, module.tau,
+        )
+
+    def row_scale(self, w0, delta, module):
+        return formula.d2lora_row_scale(w0, delta)
+
+
+ADAPTER_KINDS: dict[str, type[AdapterKind]] = {k.name: k for k in (D2LoraKind, LoraKind, DoraKind)}
+
+# Older PEFT releases and some exporters store the DoRA magnitude with a ".weight" suffix.
+FACTOR_ALIASES = {"lora_magnitude_vector.weight": "lora_magnitude_vector"}
+
+
+def kind_for(config: AdapterConfig) -> AdapterKind:
+    try:
+        return ADAPTER_KINDS[config.kind]()
+    except KeyError:
+        known = ", ".join(sorted(k for k in ADAPTER_KINDS if k != "DORA"))
+        raise AdapterConfigError(f"peft_type: {config.peft_type!r} is not supported (known: {known})") from None

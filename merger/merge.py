@@ -1,0 +1,153 @@
+"""The streaming merge: base shards + adapter -> a standalone HF checkpoint.
+
+Everything is validated before the first byte is written; output goes to a
+temporary sibling folder that is renamed into place only when complete, so a
+failed or interrupted merge leaves nothing at `out_dir`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tqdm import tqdm
+
+from merger.archive import ArchiveLimits
+from merger.artifact import Adapter
+from merger.checkpoint import (
+    DTYPE_NAMES,
+    DTYPES,
+    INDEX_NAME,
+    PICKLE_WEIGHTS,
+    CheckpointReader,
+    ShardWriter,
+    TensorSpec,
+    plan_shards,
+    shard_name,
+    write_index,
+)
+from merger.errors import D2LoraError
+from merger.kinds import AdapterKind, ModuleAdapter
+
+OUTPUT_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MAX_SHARD_BYTES = 2 << 30
+PROVENANCE_NAME = "d2lora_merge.json"
+TMP_MARKER = ".d2lora-tmp-"
+SKIPPED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".pkl", ".ckpt", ".gguf", ".lock")
+
+
+class MergeError(D2LoraError):
+    """The merge cannot proceed (bad arguments, existing output)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeResult:
+    out_dir: Path
+    seconds: float
+    fused_modules: int
+    tensors: int
+    bytes_written: int
+
+
+def resolve_dtype(name: str) -> torch.dtype | None:
+    if name not in OUTPUT_DTYPES:
+        raise MergeError(f"--dtype: {name!r} is not one of {', '.join(OUTPUT_DTYPES)}")
+    return OUTPUT_DTYPES[name]
+
+
+def _output_spec(spec: TensorSpec, dtype: torch.dtype | None) -> TensorSpec:
+    if dtype is None or not DTYPES[spec.dtype].is_floating_point:
+        return spec
+    return dataclasses.replace(spec, dtype=DTYPE_NAMES[dtype])
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; rename it to out_dir on success, delete it on failure."""
+    if out_dir.exists():
+        raise MergeError(f"--out: {out_dir} already exists")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{TMP_MARKER}", dir=out_dir.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it 0700
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def copy_side_files(base_dir: Path, out_dir: Path, dtype: torch.dtype | None) -> None:
+    """Config, tokenizer and generation files; weights and pickles are not copied."""
+    for src in sorted(base_dir.iterdir()):
+        if src.is_file() and not src.name.endswith(SKIPPED_SUFFIXES) and src.name not in (INDEX_NAME, *PICKLE_WEIGHTS):
+            shutil.copy2(src, out_dir / src.name)
+    config_path = out_dir / "config.json"
+    if dtype is not None and config_path.is_file():
+        config = json.loads(config_path.read_text())
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        config.pop("torch_dtype", None)
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _write_tensor(writer: ShardWriter, reader: CheckpointReader, spec: TensorSpec,
+                  module: ModuleAdapter | None, kind: AdapterKind) -> None:
+    stored = reader.tensors[spec.name].spec
+    if module is not None:
+        fused = kind.fuse(reader.read(spec.name), module)  # fp32, stored layout
+        writer.write(spec.name, fused.to(DTYPES[spec.dtype]))  # the one cast
+    elif stored == spec:
+        writer.copy(spec.name, reader)
+    else:
+        writer.write(spec.name, reader.read(spec.name).to(DTYPES[spec.dtype]))
+
+
+def write_merged_shards(reader: CheckpointReader, kind: AdapterKind, bound: list[ModuleAdapter], out_dir: Path,
+                        dtype: torch.dtype | None, max_shard_bytes: int, progress: bool | None) -> tuple[int, int]:
+    """Stream every tensor into size-capped shards; returns (tensors, bytes)."""
+    modules = {m.weight_key: m for m in bound}
+    specs = [_output_spec(t.spec, dtype) for t in reader.tensors.values()]
+    shards = plan_shards(specs, max_shard_bytes)
+    total = sum(s.nbytes for s in specs)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=None if progress is None else not progress) as bar:
+        for i, shard in enumerate(shards):
+            with ShardWriter(out_dir / shard_name(i, len(shards)), shard) as writer:
+                for spec in shard:
+                    _write_tensor(writer, reader, spec, modules.get(spec.name), kind)
+                    bar.update(spec.nbytes)
+    write_index(out_dir, shards)
+    return len(specs), total
+
+
+def _provenance(adapter: Adapter, adapter_path: Path, base_dir: Path, dtype: str) -> dict:
+    return {"adapter": str(adapter_path), "base": str(base_dir), "kind": adapter.kind.name,
+            "dtype": dtype, "modules": sorted(adapter.modules), "config": adapter.config.to_dict()}
+
+
+def merge(base_dir: str | Path, adapter_path: str | Path, out_dir: str | Path, dtype: str = "auto",
+          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool | None = None,
+          limits: ArchiveLimits = ArchiveLimits()) -> MergeResult:
+    """Fuse the adapter into the base and write a standalone checkpoint at out_dir."""
+    start = time.perf_counter()
+    base_dir, adapter_path, out_dir = Path(base_dir), Path(adapter_path), Path(out_dir)
+    target_dtype = resolve_dtype(dtype)
+    reader = CheckpointReader(base_dir)
+    adapter = Adapter.load(adapter_path, limits)
+    bound = adapter.bind(reader.shapes())  # every check before the output folder exists
+    try:
+        with atomic_output_dir(out_dir) as tmp:
+            tensors, nbytes = write_merged_shards(reader, adapter.kind, bound, tmp, target_dtype, max_shard_bytes, progress)
+            copy_side_files(base_dir, tmp, target_dtype)
+            provenance = _provenance(adapter, adapter_path, base_dir, dtype)
+            (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2) + "\n")
+    finally:
+        reader.close()
+    return MergeResult(out_dir, time.perf_counter() - start, len(adapter.modules), tensors, nbytes)
