@@ -10,6 +10,7 @@ import dataclasses
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from merger import formula
 from merger.config import AdapterConfig, AdapterConfigError
@@ -46,6 +47,10 @@ class AdapterKind:
         """ΔW in fp32, torch layout.  -> (out, in)"""
         raise NotImplementedError
 
+    def delta_forward(self, x: torch.Tensor, module: ModuleAdapter) -> torch.Tensor:
+        """ΔW x through the low-rank factors, never forming ΔW, in x's dtype.  x: (..., in) -> (..., out)"""
+        raise NotImplementedError
+
     def row_scale(self, w0: torch.Tensor, delta: torch.Tensor, module: ModuleAdapter) -> torch.Tensor | None:
         """The per-row scale s of the formula, (out, 1), or None for plain addition."""
         return None
@@ -58,6 +63,11 @@ class AdapterKind:
         fused = formula.fuse(w0, delta, self.row_scale(w0, delta, module), self.add_residual)
         formula.check_finite(fused, module.path)
         return fused.T if module.fan_in_fan_out else fused
+
+
+def _low_rank_forward(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """B(Ax).  x: (..., in), a: (r, in), b: (out, r) -> (..., out)"""
+    return F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
 
 
 def _lora_shapes(r: int, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
@@ -74,6 +84,10 @@ class LoraKind(AdapterKind):
     def delta(self, module):
         f = module.factors
         return formula.low_rank_delta(f["lora_A.weight"], f["lora_B.weight"], module.scaling)
+
+    def delta_forward(self, x, module):
+        f = module.factors
+        return module.scaling * _low_rank_forward(x, f["lora_A.weight"], f["lora_B.weight"])
 
 
 class DoraKind(LoraKind):
@@ -107,6 +121,12 @@ class D2LoraKind(AdapterKind):
             f["lora_A_neg.weight"], f["lora_B_neg.weight"],
             module.scaling, module.tau,
         )
+
+    def delta_forward(self, x, module):
+        f = module.factors
+        positive = _low_rank_forward(x, f["lora_A.weight"], f["lora_B.weight"])  # (..., out)
+        negative = _low_rank_forward(x, f["lora_A_neg.weight"], f["lora_B_neg.weight"])  # (..., out)
+        return module.scaling * (positive - module.tau * negative)
 
     def row_scale(self, w0, delta, module):
         return formula.d2lora_row_scale(w0, delta)
