@@ -4,14 +4,35 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="D2LORA_", extra="ignore")
 
     cache_dir: Path = Path.home() / ".cache" / "d2lora"  # the demo model and demo adapters live here
+
+    # HTTP layer (service/app.py, routes/, registry.py, auth.py)
+    base_dir: Path | None = None  # the served base checkpoint (`d2lora serve --base`)
+    engine: str = "vllm"  # a name in service.engines.base.ENGINES
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    data_dir: Path = Path.home() / ".local" / "share" / "d2lora"  # adapter records + fused tensors + admin token
+    admin_token: SecretStr | None = None  # None: generated once, stored in data_dir/admin_token (mode 0600)
+    api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()  # comma-separated; empty: inference is open
+    max_upload_bytes: int = Field(default=2 << 30, gt=0)  # cap on one adapter upload, streamed to disk
+    allow_base_mismatch: bool = False  # accept adapters whose base_model_name_or_path names another model
+    merge_dtype: str = "auto"  # dtype of the fused tensors (merger.merge.OUTPUT_DTYPES)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_api_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(key.strip() for key in value.split(",") if key.strip())
+        return value
 
 
 @lru_cache(maxsize=1)
