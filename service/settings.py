@@ -27,6 +27,16 @@ class Settings(BaseSettings):
     allow_base_mismatch: bool = False  # accept adapters whose base_model_name_or_path names another model
     merge_dtype: str = "auto"  # dtype of the fused tensors (merger.merge.OUTPUT_DTYPES)
 
+    # engines + scheduler (service/engines/, service/scheduler.py)
+    dtype: str = "float32"  # engine compute dtype: float32 | bfloat16 | float16 (fp32 matches the merger bit-for-bit)
+    kv_cache_gib: int = Field(default=2, gt=0)  # vLLM KV cache space (VLLM_CPU_KVCACHE_SPACE on CPU)
+    gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)  # vLLM on a GPU only
+    max_model_len: int = Field(default=2048, gt=0)  # longest prompt + completion an engine accepts
+    max_num_seqs: int = Field(default=64, gt=0)  # sequences one engine decodes together
+    max_resident: int = Field(default=1, gt=0)  # engines, each holding one model's weights (1 on CPU)
+    max_waiting: int = Field(default=256, gt=0)  # queued requests over all models; beyond it: 429
+    time_slice_s: float = Field(default=2.0, gt=0)  # how long a busy model keeps an engine while others wait
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_api_keys(cls, value: object) -> object:
