@@ -60,9 +60,16 @@ class AdapterKind:
         w0 = w0_stored.T if module.fan_in_fan_out else w0_stored  # (out, in)
         w0 = w0.to(formula.COMPUTE_DTYPE)
         delta = self.delta(module)  # (out, in)
-        fused = formula.fuse(w0, delta, self.row_scale(w0, delta, module), self.add_residual)
+        fused = formula.fuse(w0, delta, self._named_row_scale(w0, delta, module), self.add_residual)
         formula.check_finite(fused, module.path)
         return fused.T if module.fan_in_fan_out else fused
+
+    def _named_row_scale(self, w0: torch.Tensor, delta: torch.Tensor, module: ModuleAdapter) -> torch.Tensor | None:
+        """row_scale, with a FusionError (zero-norm row) naming the module."""
+        try:
+            return self.row_scale(w0, delta, module)
+        except formula.FusionError as err:
+            raise formula.FusionError(f"{module.path}: {err}") from None
 
 
 def _low_rank_forward(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,126 @@
+"""merger.formula and the adapter kinds against the independent float64 reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from merger.artifact import Adapter
+from merger.checkpoint import CheckpointReader
+from merger.formula import FusionError, lora_scaling
+from merger.kinds import ADAPTER_KINDS, ModuleAdapter
+from tests.adapters import write_random_adapter
+from tests.merger.reference import reference_fuse
+
+MODULE = "model.layers.3.self_attn.q_proj"
+OUT, IN, R = 24, 16, 4
+
+
+def random_factors(kind: str, out: int, inp: int, r: int, seed: int, scale: float = 0.3) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    factors = {"lora_A.weight": torch.randn(r, inp, generator=gen), "lora_B.weight": scale * torch.randn(out, r, generator=gen)}
+    if kind == "D2LORA":
+        factors["lora_A_neg.weight"] = torch.randn(r, inp, generator=gen)
+        factors["lora_B_neg.weight"] = scale * torch.randn(out, r, generator=gen)
+    if kind == "DORA":
+        factors["lora_magnitude_vector"] = 1 + torch.rand(out, generator=gen)
+    return factors
+
+
+def stored_weight(out: int, inp: int, dtype: torch.dtype, fan_in_fan_out: bool, seed: int = 1) -> torch.Tensor:
+    w0 = torch.randn(out, inp, generator=torch.Generator().manual_seed(seed)).to(dtype)  # (out, in)
+    return w0.T.contiguous() if fan_in_fan_out else w0
+
+
+def fuse(kind: str, w0: torch.Tensor, factors, scaling: float, tau: float = 0.5, fan_in_fan_out: bool = False):
+    module = ModuleAdapter(MODULE, factors, scaling, tau, fan_in_fan_out)
+    return ADAPTER_KINDS[kind]().fuse(w0, module)
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("kind", ["D2LORA", "LORA", "DORA"])
+def test_fuse_matches_the_reference(kind, dtype, fan_in_fan_out):
+    w0 = stored_weight(OUT, IN, dtype, fan_in_fan_out)
+    factors = {name: t.to(dtype) for name, t in random_factors(kind, OUT, IN, R, seed=2).items()}
+    fused = fuse(kind, w0, factors, scaling=2.0, tau=0.7, fan_in_fan_out=fan_in_fan_out)
+    expected = reference_fuse(w0, factors, kind, scaling=2.0, tau=0.7, fan_in_fan_out=fan_in_fan_out)
+    assert fused.dtype == torch.float32 and fused.shape == w0.shape
+    torch.testing.assert_close(fused.double(), expected, rtol=2e-6, atol=2e-6)
+
+
+def test_the_update_is_not_lost():
+    w0 = stored_weight(OUT, IN, torch.float32, False)
+    fused = fuse("D2LORA", w0, random_factors("D2LORA", OUT, IN, R, seed=3), scaling=2.0)
+    assert (fused - w0).abs().max() > 0.1
+
+
+def test_d2lora_keeps_base_row_norms_before_the_residual():
+    """W* = Ŵ − ΔW has W0's row norms; with τ = 1 and equal factors ΔW = 0 and Ŵ = W0."""
+    w0 = stored_weight(OUT, IN, torch.float32, False)
+    factors = random_factors("D2LORA", OUT, IN, R, seed=4)
+    factors["lora_A_neg.weight"], factors["lora_B_neg.weight"] = factors["lora_A.weight"], factors["lora_B.weight"]
+    torch.testing.assert_close(fuse("D2LORA", w0, factors, scaling=2.0, tau=1.0), w0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(out=st.integers(1, 12), inp=st.integers(1, 12), r=st.integers(1, 5), seed=st.integers(0, 2**16),
+       tau=st.floats(0, 2), scaling=st.floats(0.1, 4))
+def test_d2lora_matches_the_reference_for_any_shape(out, inp, r, seed, tau, scaling):
+    w0 = torch.randn(out, inp, generator=torch.Generator().manual_seed(seed)) + 0.1
+    factors = random_factors("D2LORA", out, inp, r, seed)
+    expected = reference_fuse(w0, factors, "D2LORA", scaling, tau)
+    torch.testing.assert_close(fuse("D2LORA", w0, factors, scaling, tau).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rslora_scaling_value():
+    assert lora_scaling(16, 4) == 4.0
+    assert lora_scaling(16, 4, use_rslora=True) == 8.0
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_artifact_scaling_reaches_the_fused_weight(tiny_base, tmp_path, use_rslora):
+    base = tiny_base("llama")
+    adapter_dir = write_random_adapter(tmp_path / "a", base, r=4, alpha=16, use_rslora=use_rslora, scale=0.2)
+    reader = CheckpointReader(base)
+    module = Adapter.load(adapter_dir).bind(reader.shapes())[0]
+    expected_scaling = 16 / math.sqrt(4) if use_rslora else 16 / 4
+    assert module.scaling == expected_scaling
+    w0 = reader.read(module.weight_key)
+    expected = reference_fuse(w0, module.factors, "D2LORA", expected_scaling, tau=0.5)
+    torch.testing.assert_close(ADAPTER_KINDS["D2LORA"]().fuse(w0, module).double(), expected, rtol=2e-6, atol=2e-6)
+    reader.close()
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("kind", ["D2LORA", "DORA"])
+def test_zero_norm_row_is_an_error_naming_the_module(kind, fan_in_fan_out):
+    w0 = torch.randn(OUT, IN)
+    factors = random_factors(kind, OUT, IN, R, seed=5)
+    w0[7] = 0
+    for name in ("lora_B.weight", "lora_B_neg.weight"):
+        if name in factors:
+            factors[name][7] = 0
+    stored = w0.T.contiguous() if fan_in_fan_out else w0
+    with pytest.raises(FusionError, match=rf"{MODULE}.*zero norm.*\b7\b"):
+        fuse(kind, stored, factors, scaling=1.0, fan_in_fan_out=fan_in_fan_out)
+
+
+@pytest.mark.parametrize("kind", ["D2LORA", "LORA", "DORA"])
+def test_non_finite_fused_weight_is_an_error_naming_the_module(kind):
+    w0 = torch.randn(OUT, IN)
+    factors = random_factors(kind, OUT, IN, R, seed=6)
+    factors["lora_B.weight"][2] = 1e30  # ΔW overflows fp32
+    with pytest.raises(FusionError, match=rf"{MODULE}.*non-finite"):
+        fuse(kind, w0, factors, scaling=1e10)
+
+
+def test_non_finite_base_weight_is_an_error_naming_the_module():
+    w0 = torch.randn(OUT, IN)
+    w0[0, 0] = float("nan")
+    with pytest.raises(FusionError, match=MODULE):
+        fuse("D2LORA", w0, random_factors("D2LORA", OUT, IN, R, seed=7), scaling=1.0)
