@@ -1,0 +1,127 @@
+"""The app factory: `create_app(settings)` builds the FastAPI app; its lifespan starts everything.
+
+Start: load the adapter registry (temp leftovers removed, interrupted merges
+failed), read or create the admin token, start the engine(s) and the scheduler,
+hand every ready adapter to the scheduler, then answer /ready.  Stop: the
+reverse.  Handlers live in `app.state`: `inference`, `adapters`, `auth`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from merger.errors import D2LoraError
+from service import metrics
+from service.auth import Authenticator
+from service.errors import install_error_handlers
+from service.inference import InferenceHandler
+from service.management import AdapterManager
+from service.registry import AdapterRecord, Registry
+from service.routes import ROUTERS
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 16
+
+
+class ServeError(D2LoraError):
+    """The server cannot start with these settings."""
+
+
+def base_model_dir(settings: Settings) -> Path:
+    if settings.base_dir is None:
+        raise ServeError("no base model: give --base DIR (or set D2LORA_BASE_DIR)")
+    if not (settings.base_dir / "config.json").is_file():
+        raise ServeError(f"--base: {settings.base_dir} is not a model folder (no config.json)")
+    return settings.base_dir
+
+
+def restore_equivalence_gauges(records: list[AdapterRecord]) -> None:
+    for record in records:
+        diff = ((record.equivalence or {}).get("logits") or {}).get("max_abs_logit_diff")
+        if isinstance(diff, (int, float)):
+            metrics.EQUIVALENCE_MAX_ABS_LOGIT_DIFF.labels(model=record.name).set(diff)
+
+
+async def start_scheduler(settings: Settings, base_dir: Path, registry: Registry):
+    from service.scheduler import Scheduler  # imports the engines (vLLM): only when serving
+
+    scheduler = await Scheduler.create(settings, base_dir)
+    for record in registry.all_serving():
+        await scheduler.add_model(record.name, Path(record.tensors_file))
+    return scheduler
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI):
+    settings: Settings = app.state.settings
+    base_dir = base_model_dir(settings)
+    base_name = base_dir.resolve().name
+    registry = Registry(settings.data_dir)
+    registry.load()
+    restore_equivalence_gauges(registry.all_serving())
+    app.state.auth = Authenticator.from_settings(settings)
+    scheduler = await start_scheduler(settings, base_dir, registry)
+    app.state.adapters = AdapterManager(settings, base_dir, base_name, registry, scheduler)
+    app.state.inference = InferenceHandler(scheduler, registry, base_name, DEFAULT_MAX_TOKENS)
+    app.state.ready = True
+    logger.info("serving %s and %d adapters", base_name, len(registry.all_serving()))
+    try:
+        yield
+    finally:
+        app.state.ready = False
+        await app.state.adapters.close()
+        await scheduler.stop()
+
+
+class RequestMetrics:
+    """ASGI middleware: d2lora_requests_total and request latency, once the last byte is sent.
+
+    `endpoint` is the matched route's template (bounded label values); `model`
+    is what the route resolved into `request.state.model` (empty otherwise).
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [500]
+
+        async def watch(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            self._observe(scope, status[0], time.perf_counter() - start)
+
+    @staticmethod
+    def _observe(scope: Scope, status: int, seconds: float) -> None:
+        route = scope.get("route")
+        endpoint = getattr(route, "path", "unmatched")
+        model = scope.get("state", {}).get("model", "")
+        metrics.REQUESTS.labels(model=model, endpoint=endpoint, status=str(status)).inc()
+        metrics.REQUEST_LATENCY.labels(model=model, endpoint=endpoint).observe(seconds)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    app = FastAPI(title="d2lora-serve", summary="D²-LoRA adapters merged, verified and served hot-swapped",
+                  lifespan=lifespan)
+    app.state.settings = settings
+    app.state.ready = False
+    install_error_handlers(app)
+    for router in ROUTERS:
+        app.include_router(router)
+    app.add_middleware(RequestMetrics)
+    return app

@@ -1,0 +1,69 @@
+"""Exception handlers: EVERY error leaves the service as {"error": {"message", "type", "param", "code"}}.
+
+That covers the service's own APIError, request validation (422), Starlette's
+404 (unknown route) and 405 (wrong method), user errors from the merger
+(D2LoraError -> 400), and anything unexpected (500, logged with its traceback).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from merger.errors import D2LoraError
+from service.protocol import APIError
+
+logger = logging.getLogger(__name__)
+
+
+def render(error: APIError, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error.response_body(), status_code=error.status, headers=headers)
+
+
+def _param(location: tuple) -> str | None:
+    """('body', 'messages', 0, 'role') -> 'messages.0.role'."""
+    parts = [str(p) for p in location if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or None
+
+
+async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return render(exc, headers)
+
+
+async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    param = _param(tuple(first.get("loc", ())))
+    message = f"{param}: {first['msg']}" if param else first["msg"]
+    return render(APIError(422, message, param=param, code="invalid_request"))
+
+
+async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 404:
+        message = f"no route {request.method} {request.url.path}"
+    elif exc.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}"
+    else:
+        message = str(exc.detail)
+    return render(APIError(exc.status_code, message), getattr(exc, "headers", None))
+
+
+async def on_user_error(request: Request, exc: D2LoraError) -> JSONResponse:
+    return render(APIError(400, str(exc)))
+
+
+async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return render(APIError(500, f"internal error: {type(exc).__name__}", code="internal_error"))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(D2LoraError, on_user_error)
+    app.add_exception_handler(Exception, on_unexpected)

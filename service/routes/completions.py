@@ -1,0 +1,15 @@
+"""POST /v1/completions."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+
+from service.auth import require_api_key
+from service.protocol import CompletionRequest, CompletionResponse
+
+router = APIRouter(prefix="/v1", tags=["inference"], dependencies=[Depends(require_api_key)])
+
+
+@router.post("/completions", response_model=CompletionResponse)
+async def create_completion(body: CompletionRequest, request: Request):
+    return await request.app.state.inference.complete(body, request)
