@@ -8,17 +8,21 @@ whole, as are archives with too many members. Pickle weights are never opened.
 from __future__ import annotations
 
 import dataclasses
+import lzma
 import posixpath
 import tarfile
 import zipfile
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 from merger.errors import D2LoraError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+ZIP_ENCRYPTED = 0x1  # general purpose bit 0
 
 
 class ArtifactError(D2LoraError):
@@ -30,6 +34,9 @@ class ArchiveLimits:
     max_member_bytes: int = 4 << 30  # one file, uncompressed
     max_total_bytes: int = 8 << 30  # every file, uncompressed, as declared
     max_members: int = 1000
+
+
+DEFAULT_LIMITS = ArchiveLimits()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +103,7 @@ def read_tar(path: Path, limits: ArchiveLimits) -> ArtifactFiles:
         sizes = {name: m.size for name, m in members.items()}
         _check_totals(sizes, limits)
         config_name, weights_name = _pick(sizes)
-        read = lambda n: _read_capped(tar.extractfile(members[n]), n, limits.max_member_bytes)  # noqa: E731
+        read = lambda n: _read_capped(tar.extractfile(members[n]), n, limits.max_member_bytes)
         return ArtifactFiles(read(config_name), read(weights_name))
 
 
@@ -113,6 +120,8 @@ def read_zip(path: Path, limits: ArchiveLimits) -> ArtifactFiles:
         for info in infos:
             if _zip_is_link(info):
                 raise ArtifactError(f"archive member {info.filename!r} is a link or special file")
+            if info.flag_bits & ZIP_ENCRYPTED:
+                raise ArtifactError(f"archive member {info.filename!r} is encrypted")
         files = {_check_member_name(i.filename): i for i in infos if not i.is_dir()}
         sizes = {name: i.file_size for name, i in files.items()}
         _check_totals(sizes, limits)
@@ -140,7 +149,7 @@ def read_dir(path: Path, limits: ArchiveLimits) -> ArtifactFiles:
     return ArtifactFiles(config.read_bytes(), weights.read_bytes())
 
 
-def read_artifact_files(path: str | Path, limits: ArchiveLimits = ArchiveLimits()) -> ArtifactFiles:
+def read_artifact_files(path: str | Path, limits: ArchiveLimits = DEFAULT_LIMITS) -> ArtifactFiles:
     """The raw bytes of adapter_config.json and adapter_model.safetensors."""
     path = Path(path)
     if not path.exists():
@@ -154,6 +163,6 @@ def read_artifact_files(path: str | Path, limits: ArchiveLimits = ArchiveLimits(
             return read_zip(path, limits)
         if tarfile.is_tarfile(path):
             return read_tar(path, limits)
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as err:
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error, lzma.LZMAError, NotImplementedError) as err:
         raise ArtifactError(f"{path.name}: corrupt archive ({err})") from None
     raise ArtifactError(f"{path.name}: not a folder, .tar.gz or .zip archive")

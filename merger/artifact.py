@@ -15,7 +15,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from merger.archive import ArchiveLimits, ArtifactError, read_artifact_files
+from merger.archive import (
+    DEFAULT_LIMITS,
+    ArchiveLimits,
+    ArtifactError,
+    read_artifact_files,
+)
 from merger.config import ALL_LINEAR, AdapterConfig, AdapterConfigError
 from merger.formula import lora_scaling
 from merger.kinds import FACTOR_ALIASES, AdapterKind, Factors, ModuleAdapter, kind_for
@@ -44,30 +49,40 @@ def _split_key(key: str, kind: AdapterKind) -> tuple[str, str]:
     if not key.startswith(KEY_PREFIX):
         raise ArtifactError(f"tensor {key!r}: name must start with {KEY_PREFIX!r}")
     body = key[len(KEY_PREFIX):]
-    for alias, name in FACTOR_ALIASES.items():
-        if body.endswith("." + alias):
-            return body[: -len(alias) - 1], name
-    for name in kind.factor_names:
-        if body.endswith("." + name):
-            return body[: -len(name) - 1], name
+    for suffix in (*FACTOR_ALIASES, *kind.factor_names):
+        name = FACTOR_ALIASES.get(suffix, suffix)
+        if body.endswith("." + suffix) and name in kind.factor_names:
+            return body[: -len(suffix) - 1], name
     raise ArtifactError(f"tensor {key!r}: not a {kind.name} factor (expected one of {', '.join(kind.factor_names)})")
 
 
-def _group_modules(tensors: dict[str, torch.Tensor], kind: AdapterKind) -> dict[str, Factors]:
-    modules: dict[str, Factors] = {}
-    for key, tensor in tensors.items():
-        path, name = _split_key(key, kind)
-        if not tensor.is_floating_point():
-            raise ArtifactError(f"tensor {key!r}: dtype {tensor.dtype} is not floating point")
-        if not bool(torch.isfinite(tensor).all()):
-            raise ArtifactError(f"tensor {key!r}: holds NaN or infinite values")
-        modules.setdefault(path, {})[name] = tensor
+def _check_tensor(key: str, tensor: torch.Tensor) -> None:
+    if not tensor.is_floating_point():
+        raise ArtifactError(f"tensor {key!r}: dtype {tensor.dtype} is not floating point")
+    if not bool(torch.isfinite(tensor).all()):
+        raise ArtifactError(f"tensor {key!r}: holds NaN or infinite values")
+
+
+def _check_complete(modules: dict[str, Factors], kind: AdapterKind) -> None:
+    if not modules:
+        raise ArtifactError("adapter_model.safetensors holds no tensors")
     for path, factors in modules.items():
         missing = [n for n in kind.factor_names if n not in factors]
         if missing:
             raise ArtifactError(f"{path}: missing factor tensors {', '.join(missing)}")
-    if not modules:
-        raise ArtifactError("adapter_model.safetensors holds no tensors")
+
+
+def _group_modules(tensors: dict[str, torch.Tensor], kind: AdapterKind) -> dict[str, Factors]:
+    """module path -> factor name -> tensor, every tensor checked and every set complete."""
+    modules: dict[str, Factors] = {}
+    for key, tensor in tensors.items():
+        path, name = _split_key(key, kind)
+        _check_tensor(key, tensor)
+        factors = modules.setdefault(path, {})
+        if name in factors:
+            raise ArtifactError(f"tensor {key!r}: {path}.{name} is given twice")
+        factors[name] = tensor
+    _check_complete(modules, kind)
     return modules
 
 
@@ -78,7 +93,7 @@ class Adapter:
     modules: dict[str, Factors]  # module path -> factor name -> tensor
 
     @classmethod
-    def load(cls, path: str | Path, limits: ArchiveLimits = ArchiveLimits()) -> "Adapter":
+    def load(cls, path: str | Path, limits: ArchiveLimits = DEFAULT_LIMITS) -> Adapter:
         files = read_artifact_files(path, limits)
         try:
             config = _parse_config(files.config)

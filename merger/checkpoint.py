@@ -15,8 +15,9 @@ import json
 import math
 import os
 import struct
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Self
 
 import torch
 
@@ -70,24 +71,56 @@ def read_header(path: Path) -> tuple[dict, int]:
             header = json.loads(f.read(length))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{path.name}: not a safetensors file (bad header)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path.name}: not a safetensors file (header is not an object)")
     return header, 8 + length
 
 
-def _stored_tensors(path: Path) -> Iterator[StoredTensor]:
+def _is_index_list(value, length: int | None = None) -> bool:
+    return (isinstance(value, list) and (length is None or len(value) == length)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value))
+
+
+def _stored_tensor(path: Path, name: str, info, data_start: int, file_size: int) -> StoredTensor:
+    """One header entry, checked: known dtype, offsets that match the shape and lie inside the file."""
+    if not isinstance(info, dict) or not _is_index_list(info.get("shape")) or not _is_index_list(info.get("data_offsets"), 2):
+        raise CheckpointError(f"{path.name}: tensor {name!r} has a malformed header entry")
+    if info.get("dtype") not in DTYPES:
+        raise CheckpointError(f"{path.name}: tensor {name!r} has unsupported dtype {info.get('dtype')}")
+    spec = TensorSpec(name, info["dtype"], tuple(info["shape"]))
+    start, end = info["data_offsets"]
+    if end - start != spec.nbytes:
+        raise CheckpointError(f"{path.name}: tensor {name!r} has {end - start} bytes for shape {list(spec.shape)}")
+    if data_start + end > file_size:
+        raise CheckpointError(f"{path.name}: tensor {name!r} runs beyond the end of the file (truncated?)")
+    return StoredTensor(spec, path, data_start + start)
+
+
+def _stored_tensors(path: Path) -> list[StoredTensor]:
     header, data_start = read_header(path)
     header.pop("__metadata__", None)
-    for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-        if info["dtype"] not in DTYPES:
-            raise CheckpointError(f"{path.name}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        spec = TensorSpec(name, info["dtype"], tuple(info["shape"]))
-        yield StoredTensor(spec, path, data_start + info["data_offsets"][0])
+    size = path.stat().st_size
+    tensors = [_stored_tensor(path, name, info, data_start, size) for name, info in header.items()]
+    return sorted(tensors, key=lambda t: t.offset)
+
+
+def _index_shards(index: Path) -> list[str]:
+    """The shard file names an index lists, in order of first mention."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = list(dict.fromkeys(weight_map.values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{index.name}: not a valid index (a JSON object with a weight_map)") from None
+    bad = [n for n in names if not isinstance(n, str) or Path(n).name != n or n in ("", ".", "..")]
+    if bad:
+        raise CheckpointError(f"{index.name}: shard name {bad[0]!r} is not a file name in the model folder")
+    return names
 
 
 def _shard_files(base_dir: Path) -> list[Path]:
     index = base_dir / INDEX_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [base_dir / name for name in dict.fromkeys(weight_map.values())]
+        return [base_dir / name for name in _index_shards(index)]
     if (base_dir / SINGLE_NAME).is_file():
         return [base_dir / SINGLE_NAME]
     if any((base_dir / name).exists() for name in PICKLE_WEIGHTS):
@@ -217,7 +250,7 @@ class ShardWriter:
             raise CheckpointError(f"tensor {name!r}: stored form differs from the output spec")
         reader.copy_into(name, self.fd)
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

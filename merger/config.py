@@ -29,6 +29,13 @@ def _is_number(value: Any) -> bool:
     return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
+def _check_regex(field: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise AdapterConfigError(f"{field}: bad regular expression ({err})") from None
+
+
 def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
     """PEFT's rule: the first key that matches the module path at a dot boundary."""
     for key in patterns:
@@ -78,14 +85,11 @@ class AdapterConfig:
 
     def _check_targets(self) -> None:
         targets = self.target_modules
-        if isinstance(targets, str):
-            try:
-                re.compile(targets)
-            except re.error as err:
-                raise AdapterConfigError(f"target_modules: bad regular expression ({err})") from None
+        if isinstance(targets, str) and targets:
+            _check_regex("target_modules", targets)
             return
-        if not targets or not all(isinstance(t, str) and t for t in targets):
-            raise AdapterConfigError("target_modules: must be a non-empty list of module names")
+        if not isinstance(targets, tuple) or not targets or not all(isinstance(t, str) and t for t in targets):
+            raise AdapterConfigError("target_modules: must be a non-empty list of module names or a regular expression")
 
     def _check_patterns(self) -> None:
         for field, check in (("rank_pattern", self._check_rank), ("alpha_pattern", self._check_alpha)):
@@ -93,6 +97,7 @@ class AdapterConfig:
             if not isinstance(patterns, dict):
                 raise AdapterConfigError(f"{field}: must be an object")
             for key, value in patterns.items():
+                _check_regex(f"{field}[{key!r}]", key)
                 check(f"{field}[{key!r}]", value)
 
     @property
@@ -115,7 +120,7 @@ class AdapterConfig:
         return any(module == t or module.endswith("." + t) for t in self.target_modules)
 
     @classmethod
-    def from_dict(cls, raw: Any) -> "AdapterConfig":
+    def from_dict(cls, raw: Any) -> AdapterConfig:
         if not isinstance(raw, dict):
             raise AdapterConfigError("adapter_config.json: must hold a JSON object")
         for required in ("peft_type", "r", "lora_alpha", "target_modules"):

@@ -14,13 +14,13 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from tqdm import tqdm
 
-from merger.archive import ArchiveLimits
+from merger.archive import DEFAULT_LIMITS, ArchiveLimits
 from merger.artifact import Adapter
 from merger.checkpoint import (
     DTYPE_NAMES,
@@ -35,6 +35,7 @@ from merger.checkpoint import (
     write_index,
 )
 from merger.errors import D2LoraError
+from merger.formula import FusionError
 from merger.kinds import AdapterKind, ModuleAdapter
 
 OUTPUT_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -69,13 +70,20 @@ def _output_spec(spec: TensorSpec, dtype: torch.dtype | None) -> TensorSpec:
     return dataclasses.replace(spec, dtype=DTYPE_NAMES[dtype])
 
 
+def check_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() or out_dir.is_symlink():
+        raise MergeError(f"--out: {out_dir} already exists")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; rename it to out_dir on success, delete it on failure."""
-    if out_dir.exists():
-        raise MergeError(f"--out: {out_dir} already exists")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{TMP_MARKER}", dir=out_dir.parent))
+    check_out_dir(out_dir)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{TMP_MARKER}", dir=out_dir.parent))
+    except OSError as err:
+        raise MergeError(f"--out: cannot create {out_dir} ({err.strerror})") from None
     try:
         yield tmp
         tmp.chmod(0o755)  # mkdtemp makes it 0700
@@ -98,12 +106,20 @@ def copy_side_files(base_dir: Path, out_dir: Path, dtype: torch.dtype | None) ->
         config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
+def _cast_fused(fused: torch.Tensor, dtype: torch.dtype, module: ModuleAdapter) -> torch.Tensor:
+    """The one cast of Ŵ to the output dtype; values beyond its range are an error, not ±inf."""
+    cast = fused.to(dtype)
+    if not bool(torch.isfinite(cast).all()):
+        raise FusionError(f"{module.path}: fused weight overflows {str(dtype).removeprefix('torch.')}")
+    return cast
+
+
 def _write_tensor(writer: ShardWriter, reader: CheckpointReader, spec: TensorSpec,
                   module: ModuleAdapter | None, kind: AdapterKind) -> None:
     stored = reader.tensors[spec.name].spec
     if module is not None:
         fused = kind.fuse(reader.read(spec.name), module)  # fp32, stored layout
-        writer.write(spec.name, fused.to(DTYPES[spec.dtype]))  # the one cast
+        writer.write(spec.name, _cast_fused(fused, DTYPES[spec.dtype], module))
     elif stored == spec:
         writer.copy(spec.name, reader)
     else:
@@ -134,11 +150,12 @@ def _provenance(adapter: Adapter, adapter_path: Path, base_dir: Path, dtype: str
 
 def merge(base_dir: str | Path, adapter_path: str | Path, out_dir: str | Path, dtype: str = "auto",
           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool | None = None,
-          limits: ArchiveLimits = ArchiveLimits()) -> MergeResult:
+          limits: ArchiveLimits = DEFAULT_LIMITS) -> MergeResult:
     """Fuse the adapter into the base and write a standalone checkpoint at out_dir."""
     start = time.perf_counter()
     base_dir, adapter_path, out_dir = Path(base_dir), Path(adapter_path), Path(out_dir)
     target_dtype = resolve_dtype(dtype)
+    check_out_dir(out_dir)
     reader = CheckpointReader(base_dir)
     adapter = Adapter.load(adapter_path, limits)
     bound = adapter.bind(reader.shapes())  # every check before the output folder exists
