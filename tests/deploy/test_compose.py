@@ -13,10 +13,24 @@ import subprocess
 import jsonschema
 import pytest
 
-from tests.deploy.stack import (COMPOSE_FILE, COMPOSE_SCHEMA, DOCKERFILE, ENV_EXAMPLE, REPO, SERVICE_NAMES,
-                                SETTINGS_PREFIX, MissingVariable, container_port, dockerfile_env,
-                                dockerfile_instructions, final_stage, load_compose, read_env_file,
-                                referenced_variables, settings_env_names)
+from tests.deploy.stack import (
+    COMPOSE_FILE,
+    COMPOSE_SCHEMA,
+    DOCKERFILE,
+    ENV_EXAMPLE,
+    REPO,
+    SERVICE_NAMES,
+    SETTINGS_PREFIX,
+    MissingVariable,
+    container_port,
+    dockerfile_env,
+    dockerfile_instructions,
+    final_stage,
+    load_compose,
+    read_env_file,
+    referenced_variables,
+    settings_env_names,
+)
 
 SECRETS = ("D2LORA_ADMIN_TOKEN", "D2LORA_API_KEYS", "GRAFANA_ADMIN_PASSWORD")
 

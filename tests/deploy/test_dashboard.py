@@ -9,10 +9,17 @@ import pytest
 import yaml
 
 from tests.deploy.promql import SPEC_METRICS, metric_names, series_names, to_promql
-from tests.deploy.stack import (DASHBOARD, ENV_EXAMPLE, GRAFANA_PROVISIONING, dashboard_expressions,
-                                dashboard_panels, load_compose, load_dashboard, read_env_file)
+from tests.deploy.stack import (
+    DASHBOARD,
+    ENV_EXAMPLE,
+    GRAFANA_PROVISIONING,
+    dashboard_expressions,
+    dashboard_panels,
+    load_compose,
+    load_dashboard,
+    read_env_file,
+)
 from tests.prom import require_tool
-
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +65,8 @@ def test_every_spec_metric_is_on_the_dashboard(dashboard):
 
 def test_every_expression_is_valid_promql(dashboard, tmp_path):
     promtool = require_tool("promtool")
-    rules = [{"record": f"dashboard:expr_{i}", "expr": to_promql(e)} for i, e in enumerate(dashboard_expressions(dashboard))]
+    exprs = dashboard_expressions(dashboard)
+    rules = [{"record": f"dashboard:expr_{i}", "expr": to_promql(expr)} for i, expr in enumerate(exprs)]
     rules_file = tmp_path / "dashboard-rules.yml"
     rules_file.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     done = subprocess.run([str(promtool), "check", "rules", str(rules_file)], capture_output=True, text=True)

@@ -11,8 +11,15 @@ import sys
 
 import pytest
 
-from tests.deploy.stack import (DOCKERFILE, DOCKERIGNORE, REPO, SETTINGS_PREFIX, dockerfile_env,
-                                dockerfile_instructions, final_stage)
+from tests.deploy.stack import (
+    DOCKERFILE,
+    DOCKERIGNORE,
+    REPO,
+    SETTINGS_PREFIX,
+    dockerfile_env,
+    dockerfile_instructions,
+    final_stage,
+)
 
 HEALTHCHECK_SCRIPT = REPO / "docker" / "healthcheck.py"
 ENTRYPOINT_SCRIPT = REPO / "docker" / "entrypoint.sh"
@@ -68,7 +75,8 @@ def test_runs_as_a_non_root_user(image):
 
 
 def test_declares_the_data_and_models_volumes_the_service_uses(image):
-    volumes = {path for ins in image if ins.keyword == "VOLUME" for path in shlex.split(ins.arguments.strip("[]").replace(",", " "))}
+    declared = [ins.arguments.strip("[]").replace(",", " ") for ins in image if ins.keyword == "VOLUME"]
+    volumes = {path for arguments in declared for path in shlex.split(arguments)}
     env = dockerfile_env(image)
     assert {env[f"{SETTINGS_PREFIX}DATA_DIR"], env[f"{SETTINGS_PREFIX}CACHE_DIR"]} == volumes
 
