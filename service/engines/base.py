@@ -1,18 +1,25 @@
 """The engine interface: start, load weights, generate, stop.  Engines never see HTTP.
 
-An engine holds ONE set of weights at a time.  `load_weights` replaces the
-targeted tensors in place from a safetensors file (fused adapter tensors, or the
-base's original tensors to go back); only the scheduler calls it, and only when
-no request is running on that engine (SPEC §6).
+An engine holds ONE set of weights at a time.  `load_weights` replaces named
+tensors in place, read from safetensors files (a model's fused tensors, and the
+base's original tensors for whatever must go back to the base); only the
+scheduler calls it, and only when no request is running on that engine (SPEC §6).
+Which tensors travel is decided by `service.engines.weights.SwapPlanner`.
+
+An engine class is built as `ENGINES[name](settings)` and started with
+`await engine.start(base_dir)`.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +30,16 @@ class SamplingOptions:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     n: int = 1
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens: must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature: must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if self.n < 1:
+            raise ValueError(f"n: must be >= 1, got {self.n}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,18 +58,30 @@ class GenerationChunk:
     finish_reason: str | None  # "stop" | "length" | None while running
 
 
+@dataclasses.dataclass(frozen=True)
+class TensorFile:
+    """Some tensors of one safetensors file, by HF checkpoint name (e.g. model.layers.0.self_attn.q_proj.weight)."""
+
+    path: Path
+    names: tuple[str, ...]
+
+
 class Engine(abc.ABC):
     name: ClassVar[str]
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
 
     @abc.abstractmethod
     async def start(self, base_dir: Path) -> None: ...
 
     @abc.abstractmethod
-    async def load_weights(self, tensors_file: Path) -> None:
-        """Replace the named tensors (HF checkpoint names) in place from a safetensors file."""
+    async def load_weights(self, files: Sequence[TensorFile]) -> None:
+        """Replace the named tensors in place; every tensor not named keeps its value."""
 
     @abc.abstractmethod
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]: ...
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Stream text deltas; each choice's last chunk carries its finish_reason."""
 
     @abc.abstractmethod
     async def abort(self, request_id: str) -> None: ...

@@ -1,0 +1,108 @@
+"""The `vllm` engine: one AsyncLLM, weights swapped in place through a worker extension.
+
+`VLLM_ENABLE_V1_MULTIPROCESSING=0` is set before vLLM is imported: AsyncLLM
+still runs its engine core in a child process (that is how vLLM's async client
+works), but the model worker then lives inside that core process instead of a
+third one.  Swaps go through `collective_rpc` to `SwapWorkerExtension`, which
+opens the safetensors files by path.  The engine core handles an RPC between two
+steps, after every abort sent before it, so a swap never meets a forward pass.
+After a swap the prefix cache is reset: no KV block computed under the old
+weights is ever reused.  The same code runs on a GPU with the `vllm` package.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+from service.engines.base import (
+    Engine,
+    GenerationChunk,
+    GenerationRequest,
+    SamplingOptions,
+    TensorFile,
+    register_engine,
+)
+from service.engines.tokenizer import ChatTokenizer
+from service.engines.weights import BaseTensors
+
+WORKER_EXTENSION = "service.engines.vllm_worker.SwapWorkerExtension"
+
+
+def configure_environment(kv_cache_gib: int) -> None:
+    """vLLM reads these when it is imported and when the engine starts."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+
+
+def sampling_params(options: SamplingOptions):
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(n=options.n, max_tokens=options.max_tokens, temperature=options.temperature,
+                          top_p=options.top_p, seed=options.seed, stop=list(options.stop),
+                          output_kind=RequestOutputKind.DELTA)
+
+
+def packed_siblings(name: str, packed: dict[str, list[str]]) -> set[str]:
+    """Module paths that vLLM loads as one with `name`'s module (itself included)."""
+    module = name.rpartition(".")[0]
+    parent, _, leaf = module.rpartition(".")
+    groups = [parts for parts in packed.values() if leaf in parts]
+    return {f"{parent}.{part}" for parts in groups for part in parts} | {module}
+
+
+@register_engine
+class VllmEngine(Engine):
+    name = "vllm"
+
+    async def start(self, base_dir: Path) -> None:
+        configure_environment(self.settings.kv_cache_gib)
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.base = BaseTensors(base_dir)
+        self.tokenizer = ChatTokenizer(base_dir)
+        self.llm = AsyncLLM.from_engine_args(self._engine_args(base_dir))
+        (self.packed,) = await self.llm.collective_rpc("d2lora_packed_modules")
+
+    def _engine_args(self, base_dir: Path):
+        from vllm import AsyncEngineArgs
+
+        s = self.settings
+        return AsyncEngineArgs(model=str(base_dir), dtype=s.dtype, enforce_eager=True, seed=0,
+                               max_model_len=s.max_model_len, max_num_seqs=s.max_num_seqs,
+                               gpu_memory_utilization=s.gpu_memory_utilization,
+                               worker_extension_cls=WORKER_EXTENSION, disable_log_stats=True)
+
+    async def load_weights(self, files: Sequence[TensorFile]) -> None:
+        complete = [*files, *self.base.slices(self._missing_parts(files))]
+        await self.llm.collective_rpc("d2lora_load", args=([(str(f.path), list(f.names)) for f in complete],))
+        await self.llm.reset_prefix_cache()
+
+    def _missing_parts(self, files: Sequence[TensorFile]) -> set[str]:
+        """Base tensors of the packed modules touched but not named (e.g. k/v when only q changes)."""
+        named = {name for f in files for name in f.names}
+        modules = set().union(*(packed_siblings(name, self.packed) for name in named))
+        needed = {name for name in self.base.files if name.rpartition(".")[0] in modules}
+        return needed - named
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        stream = self.llm.generate({"prompt": request.prompt}, sampling_params(request.sampling), request.request_id)
+        async for output in stream:
+            prompt_tokens = len(output.prompt_token_ids or ())
+            for choice in output.outputs:
+                yield GenerationChunk(index=choice.index, text=choice.text, new_tokens=len(choice.token_ids),
+                                      prompt_tokens=prompt_tokens, finish_reason=choice.finish_reason)
+
+    async def abort(self, request_id: str) -> None:
+        await self.llm.abort(request_id)
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages)
+
+    async def stop(self) -> None:
+        self.llm.shutdown()
