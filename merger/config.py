@@ -44,6 +44,25 @@ def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
     return None
 
 
+def _matches_names(module: str, names: tuple[str, ...]) -> bool:
+    """PEFT's list matching: the module path is a name or ends with `.name`."""
+    return any(module == n or module.endswith("." + n) for n in names)
+
+
+def _layer_index(module: str, layers_pattern: tuple[str, ...]) -> int | None:
+    """The first numbered path segment after a layers pattern (any segment when none is given), as PEFT finds it."""
+    patterns = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in layers_pattern] or [r".*?\.[^.]*\.(?P<idx>\d+)\."]
+    for pattern in patterns:
+        match = re.match(pattern, module)
+        if match:
+            return int(match["idx"])
+    return None
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
 @dataclasses.dataclass(frozen=True)
 class AdapterConfig:
     peft_type: str
@@ -57,6 +76,9 @@ class AdapterConfig:
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
     base_model_name_or_path: str | None = None
+    exclude_modules: tuple[str, ...] | str = ()
+    layers_to_transform: tuple[int, ...] | int = ()
+    layers_pattern: tuple[str, ...] | str = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.peft_type, str) or not self.peft_type:
@@ -70,6 +92,7 @@ class AdapterConfig:
                 raise AdapterConfigError(f"{flag}: must be true or false")
         self._check_targets()
         self._check_patterns()
+        self._check_layer_selection()
         if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
             raise AdapterConfigError("base_model_name_or_path: must be a string")
 
@@ -100,6 +123,20 @@ class AdapterConfig:
                 _check_regex(f"{field}[{key!r}]", key)
                 check(f"{field}[{key!r}]", value)
 
+    def _check_layer_selection(self) -> None:
+        if isinstance(self.exclude_modules, str):
+            _check_regex("exclude_modules", self.exclude_modules)
+        elif not isinstance(self.exclude_modules, tuple) or not all(isinstance(m, str) and m for m in self.exclude_modules):
+            raise AdapterConfigError("exclude_modules: must be a list of module names or a regular expression")
+        layers = self.layers_to_transform
+        if not all(_is_int(i) and i >= 0 for i in (layers if isinstance(layers, tuple) else (layers,))):
+            raise AdapterConfigError(f"layers_to_transform: must be a layer index or a list of them, got {layers!r}")
+        patterns = (self.layers_pattern,) if isinstance(self.layers_pattern, str) else self.layers_pattern
+        if not isinstance(patterns, tuple) or not all(isinstance(p, str) for p in patterns):
+            raise AdapterConfigError("layers_pattern: must be a string or a list of strings")
+        for pattern in patterns:
+            _check_regex("layers_pattern", pattern)
+
     @property
     def kind(self) -> str:
         """The registry key of the adapter kind: D2LORA, LORA or DORA."""
@@ -114,10 +151,26 @@ class AdapterConfig:
         return self.alpha_pattern[key] if key is not None else self.lora_alpha
 
     def targets(self, module: str) -> bool:
-        """PEFT's matching: a string is a full regex match, a list matches name suffixes."""
+        """PEFT's matching: exclusions first; a string is a full regex match; a list matches
+        name suffixes, restricted to `layers_to_transform` when given."""
+        if self._excluded(module):
+            return False
         if isinstance(self.target_modules, str):
             return self.target_modules == ALL_LINEAR or re.fullmatch(self.target_modules, module) is not None
-        return any(module == t or module.endswith("." + t) for t in self.target_modules)
+        return _matches_names(module, self.target_modules) and self._in_transformed_layer(module)
+
+    def _excluded(self, module: str) -> bool:
+        if isinstance(self.exclude_modules, str):
+            return re.fullmatch(self.exclude_modules, module) is not None
+        return _matches_names(module, self.exclude_modules)
+
+    def _in_transformed_layer(self, module: str) -> bool:
+        layers = self.layers_to_transform
+        if layers == ():
+            return True
+        patterns = (self.layers_pattern,) if isinstance(self.layers_pattern, str) else self.layers_pattern
+        index = _layer_index(module, tuple(p for p in patterns if p))
+        return index is not None and index in (layers if isinstance(layers, tuple) else (layers,))
 
     @classmethod
     def from_dict(cls, raw: Any) -> AdapterConfig:
@@ -128,13 +181,11 @@ class AdapterConfig:
                 raise AdapterConfigError(f"{required}: missing")
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in raw.items() if k in names and v is not None}
-        if isinstance(values["target_modules"], list):
-            values["target_modules"] = tuple(values["target_modules"])
+        for field in ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern"):
+            if field in values:
+                values[field] = _as_tuple(values[field])
         values["peft_type"] = str(values["peft_type"]).upper()
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        if isinstance(self.target_modules, tuple):
-            out["target_modules"] = list(self.target_modules)
-        return out
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

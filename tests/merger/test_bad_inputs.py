@@ -96,6 +96,11 @@ CONFIG_CASES = {
     "rank_pattern value": ({"rank_pattern": {"q_proj": 0}}, r"rank_pattern\['q_proj'\]: must be an integer"),
     "rank_pattern bad regex": ({"rank_pattern": {"q_proj(": 2}}, r"rank_pattern\['q_proj\('\]: bad regular expression"),
     "alpha_pattern not object": ({"alpha_pattern": [1]}, r"alpha_pattern: must be an object"),
+    "exclude_modules type": ({"exclude_modules": 5}, r"exclude_modules: must be"),
+    "exclude_modules bad regex": ({"exclude_modules": "q_proj("}, r"exclude_modules: bad regular expression"),
+    "layers_to_transform negative": ({"layers_to_transform": [0, -1]}, r"layers_to_transform: must be a layer index"),
+    "layers_to_transform string": ({"layers_to_transform": "0"}, r"layers_to_transform: must be a layer index"),
+    "layers_pattern type": ({"layers_pattern": 3}, r"layers_pattern: must be a string"),
     "r missing": ({"r": None}, r"\br: missing"),
     "config not object": (None, r"must hold a JSON object"),
 }
