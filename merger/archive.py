@@ -7,7 +7,10 @@ whole, as are archives with too many members. Pickle weights are never opened.
 
 from __future__ import annotations
 
+import bz2
 import dataclasses
+import gzip
+import io
 import lzma
 import posixpath
 import tarfile
@@ -23,6 +26,9 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 ZIP_ENCRYPTED = 0x1  # general purpose bit 0
+TAR_DECOMPRESSORS = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ\x00": lzma.open}
+TAR_MAGIC, TAR_MAGIC_OFFSET = b"ustar", 257
+TAR_HEADER_ALLOWANCE = 4096  # bytes of headers and padding allowed per member beyond its data
 
 
 class ArtifactError(D2LoraError):
@@ -97,8 +103,51 @@ def _tar_members(tar: tarfile.TarFile, limits: ArchiveLimits) -> Iterator[tarfil
         yield member
 
 
+class _CappedStream:
+    """A decompressed tar stream that refuses to go past `cap` bytes.
+
+    tarfile reads PAX records and GNU long names whole before yielding a member,
+    so the member-size checks alone cannot stop a header that inflates to gigabytes.
+    """
+
+    def __init__(self, stream: IO[bytes], cap: int):
+        self.stream, self.cap = stream, cap
+
+    def _check(self, end: int) -> None:
+        if end > self.cap:
+            raise ArtifactError(f"archive unpacks to more than {self.cap} bytes (headers included)")
+
+    def tell(self) -> int:
+        return self.stream.tell()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._check(offset if whence == io.SEEK_SET else self.tell() + offset)
+        return self.stream.seek(offset, whence)
+
+    def read(self, size: int = -1) -> bytes:
+        size = self.cap + 1 - self.tell() if size is None or size < 0 else size
+        self._check(self.tell() + size)
+        return self.stream.read(size)
+
+
+def _tar_stream(path: Path) -> IO[bytes]:
+    """The archive's bytes after gzip / bzip2 / xz decompression, as a seekable stream."""
+    with open(path, "rb") as f:
+        magic = f.read(len(max(TAR_DECOMPRESSORS, key=len)))
+    opener = next((o for m, o in TAR_DECOMPRESSORS.items() if magic.startswith(m)), open)
+    return opener(path, "rb")
+
+
+def is_tar(path: Path) -> bool:
+    """Judged by magic bytes alone: tarfile.is_tarfile would already parse (and inflate) a header."""
+    with open(path, "rb") as f:
+        head = f.read(TAR_MAGIC_OFFSET + len(TAR_MAGIC))
+    return head.startswith(tuple(TAR_DECOMPRESSORS)) or head[TAR_MAGIC_OFFSET:] == TAR_MAGIC
+
+
 def read_tar(path: Path, limits: ArchiveLimits) -> ArtifactFiles:
-    with tarfile.open(path, mode="r:*") as tar:
+    cap = limits.max_total_bytes + (limits.max_members + 4) * TAR_HEADER_ALLOWANCE
+    with _tar_stream(path) as raw, tarfile.open(fileobj=_CappedStream(raw, cap), mode="r:") as tar:
         members = {_check_member_name(m.name): m for m in _tar_members(tar, limits) if m.isfile()}
         sizes = {name: m.size for name, m in members.items()}
         _check_totals(sizes, limits)
@@ -161,7 +210,7 @@ def read_artifact_files(path: str | Path, limits: ArchiveLimits = DEFAULT_LIMITS
     try:
         if zipfile.is_zipfile(path):
             return read_zip(path, limits)
-        if tarfile.is_tarfile(path):
+        if is_tar(path):
             return read_tar(path, limits)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error, lzma.LZMAError, NotImplementedError) as err:
         raise ArtifactError(f"{path.name}: corrupt archive ({err})") from None

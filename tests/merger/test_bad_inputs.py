@@ -353,6 +353,22 @@ def test_decompression_bomb_is_refused_before_inflating(llama, good_adapter, tmp
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("tar_format", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT], ids=["pax", "gnu-longname"])
+def test_tar_header_bomb_is_refused_before_inflating(good_adapter, tmp_path, tar_format):
+    """A PAX record or GNU long name of 8 MB (a few KB compressed): tarfile would read it whole."""
+    archive = tmp_path / "bomb.tar.gz"
+    with tarfile.open(archive, "w:gz", format=tar_format) as tar:
+        info = _member("adapter_config.json", size=2)
+        if tar_format == tarfile.PAX_FORMAT:
+            info.pax_headers = {"comment": "x" * (8 << 20)}
+        else:
+            info.name = "a" * (8 << 20)
+        tar.addfile(info, io.BytesIO(b"{}"))
+    assert archive.stat().st_size < 100_000
+    with pytest.raises(ArtifactError, match=r"unpacks to more than"):
+        read_artifact_files(archive, SMALL)
+
+
 def test_member_larger_than_its_declared_size_is_capped(good_adapter, tmp_path):
     """A zip whose directory declares a small size but whose stream inflates further stops at the cap."""
     archive = tmp_path / "liar.zip"

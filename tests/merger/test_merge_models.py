@@ -148,12 +148,12 @@ def pack(folder: Path, dest: Path) -> Path:
             for file in sorted(folder.iterdir()):
                 zf.write(file, file.name)
     else:
-        with tarfile.open(dest, "w:gz") as tar:
+        with tarfile.open(dest, f"w:{dest.name.rpartition('.tar')[2].lstrip('.')}") as tar:
             tar.add(folder, arcname="my-adapter")
     return dest
 
 
-@pytest.mark.parametrize("archive", ["adapter.tar.gz", "adapter.zip"])
+@pytest.mark.parametrize("archive", ["adapter.tar.gz", "adapter.zip", "adapter.tar", "adapter.tar.bz2", "adapter.tar.xz"])
 def test_archives_give_the_same_output_as_the_folder(tiny_base, tmp_path, archive):
     base = tiny_base("gpt2")
     adapter = write_random_adapter(tmp_path / "adapter", base, kind="LORA", scale=0.5)
