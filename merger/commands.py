@@ -11,14 +11,24 @@ from merger.merge import DEFAULT_MAX_SHARD_BYTES, OUTPUT_DTYPES, merge
 DTYPE_CHOICES = tuple(OUTPUT_DTYPES)
 
 
-def _size(text: str) -> int:
-    """'2GB', '500MB', '4096' -> bytes."""
+def _parse_size(text: str) -> int:
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
     upper = text.strip().upper()
     for unit, factor in units.items():
         if upper.endswith(unit):
             return int(float(upper[: -len(unit)]) * factor)
     return int(upper)
+
+
+def _size(text: str) -> int:
+    """'2GB', '500MB', '4096' -> a positive number of bytes."""
+    try:
+        size = _parse_size(text)
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 2GB, 500MB or 4096") from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size")
+    return size
 
 
 def run_merge(args: argparse.Namespace) -> int:

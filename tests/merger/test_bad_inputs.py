@@ -475,3 +475,14 @@ def test_real_cli_process_prints_one_line(llama, tmp_path):
     assert result.returncode == 2
     assert result.stderr.splitlines() == [f"d2lora merge: error: {tmp_path / 'nope'}: no such file or directory"]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("size", ["0", "-5MB", "infGB", "lots"])
+def test_bad_max_shard_size(capsys, llama, good_adapter, tmp_path, size):
+    with pytest.raises(SystemExit) as exited:
+        main(["merge", "--base", str(llama), "--adapter", str(good_adapter), "--out", str(tmp_path / "out"),
+              f"--max-shard-size={size}"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in err
+    assert f"argument --max-shard-size: '{size}' is not a" in err
+    assert not (tmp_path / "out").exists()
