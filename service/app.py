@@ -24,6 +24,7 @@ from service.inference import InferenceHandler
 from service.management import AdapterManager
 from service.registry import AdapterRecord, Registry
 from service.routes import ROUTERS
+from service.scheduler import Scheduler
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -50,9 +51,7 @@ def restore_equivalence_gauges(records: list[AdapterRecord]) -> None:
             metrics.EQUIVALENCE_MAX_ABS_LOGIT_DIFF.labels(model=record.name).set(diff)
 
 
-async def start_scheduler(settings: Settings, base_dir: Path, registry: Registry):
-    from service.scheduler import Scheduler  # imports the engines (vLLM): only when serving
-
+async def start_scheduler(settings: Settings, base_dir: Path, registry: Registry) -> Scheduler:
     scheduler = await Scheduler.create(settings, base_dir)
     for record in registry.all_serving():
         await scheduler.add_model(record.name, Path(record.tensors_file))

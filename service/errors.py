@@ -2,7 +2,8 @@
 
 That covers the service's own APIError, request validation (422), Starlette's
 404 (unknown route) and 405 (wrong method), user errors from the merger
-(D2LoraError -> 400), and anything unexpected (500, logged with its traceback).
+(D2LoraError -> 400), the scheduler's full queue (429 + Retry-After)
+and vanished models (404), and anything unexpected (500, logged with its traceback).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from merger.errors import D2LoraError
 from service.protocol import APIError
+from service.scheduler import QueueFullError, UnknownModelError
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,14 @@ async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONRe
     return render(APIError(exc.status_code, message), getattr(exc, "headers", None))
 
 
+async def on_queue_full(request: Request, exc: QueueFullError) -> JSONResponse:
+    return render(APIError(429, str(exc), code="queue_full"), {"Retry-After": str(exc.retry_after_s)})
+
+
+async def on_unknown_model(request: Request, exc: UnknownModelError) -> JSONResponse:
+    return render(APIError(404, str(exc), param="model", code="model_not_found"))
+
+
 async def on_user_error(request: Request, exc: D2LoraError) -> JSONResponse:
     return render(APIError(400, str(exc)))
 
@@ -65,5 +75,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(QueueFullError, on_queue_full)
+    app.add_exception_handler(UnknownModelError, on_unknown_model)
     app.add_exception_handler(D2LoraError, on_user_error)
     app.add_exception_handler(Exception, on_unexpected)

@@ -10,6 +10,7 @@ generation tokens, time to first token, time per output token after the first.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import AsyncIterator
 
@@ -151,6 +152,9 @@ async def stream_events(chunks: AsyncIterator[GenerationChunk], first: Generatio
             yield sse(shaper.chunk(chunk))
         if include_usage:
             yield sse(shaper.usage_chunk(tracker))
+    except Exception as err:  # headers are sent: the error becomes the stream's last event
+        yield f"data: {json.dumps(APIError(500, f'generation failed: {err}').response_body())}\n\n"
+    else:
         yield SSE_DONE
     finally:
         await chunks.aclose()

@@ -89,7 +89,7 @@ class AdapterManager:
         return await self._start(name, artifact, work_dir, checked, wait)
 
     def _check_free(self, name: str, replace: bool) -> None:
-        if name == self.base_name:
+        if name == self.base_name.lower():
             raise APIError(409, f"{name!r} is the base model's name", param="name", code="name_taken")
         if name in self.merging:
             raise APIError(409, f"adapter {name!r} is being merged; try again when it is done", param="name",
