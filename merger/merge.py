@@ -143,6 +143,14 @@ def write_merged_shards(reader: CheckpointReader, kind: AdapterKind, bound: list
     return len(specs), total
 
 
+def check_float_targets(reader: CheckpointReader, bound: list[ModuleAdapter]) -> None:
+    """Only floating-point base weights can be fused (quantized ones would be cast to garbage)."""
+    for module in bound:
+        stored = reader.tensors[module.weight_key].spec.dtype
+        if not DTYPES[stored].is_floating_point:
+            raise MergeError(f"{module.path}: base weight is {stored}, not floating point; cannot fuse")
+
+
 def _provenance(adapter: Adapter, adapter_path: Path, base_dir: Path, dtype: str) -> dict:
     return {"adapter": str(adapter_path), "base": str(base_dir), "kind": adapter.kind.name,
             "dtype": dtype, "modules": sorted(adapter.modules), "config": adapter.config.to_dict()}
@@ -159,6 +167,7 @@ def merge(base_dir: str | Path, adapter_path: str | Path, out_dir: str | Path, d
     reader = CheckpointReader(base_dir)
     adapter = Adapter.load(adapter_path, limits)
     bound = adapter.bind(reader.shapes())  # every check before the output folder exists
+    check_float_targets(reader, bound)
     try:
         with atomic_output_dir(out_dir) as tmp:
             tensors, nbytes = write_merged_shards(reader, adapter.kind, bound, tmp, target_dtype, max_shard_bytes, progress)
