@@ -1,0 +1,172 @@
+"""Shared service fixtures: the demo model, merged random adapters, and ONE engine per kind per session.
+
+Async code runs on one event loop in a background thread (`event_loop.run(coro)`),
+so session-scoped engines and the tests' requests share a loop without a plugin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from merger.demo import build_demo_model
+from merger.merge import merge
+from service.merging import keep_fused_tensors
+from service.settings import Settings
+from tests.adapters import write_random_adapter
+
+# name -> (target modules, seed): different target sets, so a swap must put tensors back to the base
+ADAPTERS = {"qv": (["q_proj", "v_proj"], 1), "qkvo": (["q_proj", "k_proj", "v_proj", "o_proj"], 2),
+            "o": (["o_proj"], 3)}
+PROMPTS = ("The capital of France is", "def fibonacci(n):", "Once upon a time, a small robot")
+MAX_TOKENS = 8
+
+
+class EventLoopThread:
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 600):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def event_loop_thread():
+    loop = EventLoopThread()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="session")
+def demo_dir() -> Path:
+    return build_demo_model(Settings().cache_dir)
+
+
+def fused_adapter(base: Path, root: Path, name: str, targets: list[str], seed: int) -> tuple[Path, Path]:
+    """(merged checkpoint, fused tensors file) of a random D²-LoRA adapter, as the registry keeps them."""
+    adapter = write_random_adapter(root / f"{name}-adapter", base, seed=seed, scale=0.2, targets=targets)
+    merged = root / f"{name}-merged"
+    merge(base, adapter, merged, progress=False)
+    keys = tuple(sorted(f"{key}.weight" for key in _fused_modules(merged)))
+    keep_fused_tensors(merged, keys, root / f"{name}.safetensors")
+    return merged, root / f"{name}.safetensors"
+
+
+def _fused_modules(merged: Path) -> list[str]:
+    import json
+
+    return json.loads((merged / "d2lora_merge.json").read_text())["modules"]
+
+
+@pytest.fixture(scope="session")
+def adapters(demo_dir, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """name -> (merged checkpoint dir, fused tensors file)."""
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: fused_adapter(demo_dir, root, name, targets, seed) for name, (targets, seed) in ADAPTERS.items()}
+
+
+def hf_greedy(model_dir: Path, prompts: tuple[str, ...], max_tokens: int) -> list[str]:
+    """transformers' own greedy completion of each prompt, fp32."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    answers = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]  # (1, t)
+        out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False)  # (1, t + new)
+        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return answers
+
+
+@pytest.fixture(scope="session")
+def references(demo_dir, adapters) -> dict[str, list[str]]:
+    """model name -> transformers greedy answers to PROMPTS on the merger's merged checkpoint (or the base)."""
+    answers = {demo_dir.resolve().name: hf_greedy(demo_dir, PROMPTS, MAX_TOKENS)}
+    answers.update({name: hf_greedy(merged, PROMPTS, MAX_TOKENS) for name, (merged, _) in adapters.items()})
+    return answers
+
+
+def engine_settings(engine: str, **overrides) -> Settings:
+    fields = dict(engine=engine, dtype="float32", kv_cache_gib=1, max_num_seqs=16, max_model_len=512,
+                  max_resident=1, max_waiting=24, time_slice_s=0.5)
+    return Settings(**{**fields, **overrides})
+
+
+def _start_scheduler(event_loop_thread, demo_dir, adapters, engine: str):
+    from service.scheduler import Scheduler
+
+    async def start():
+        scheduler = await Scheduler.create(engine_settings(engine), demo_dir)
+        for name, (_, fused) in adapters.items():
+            await scheduler.add_model(name, fused)
+        return scheduler
+
+    return event_loop_thread.run(start())
+
+
+@pytest.fixture(scope="session")
+def vllm_scheduler(event_loop_thread, demo_dir, adapters):
+    """THE vLLM engine of the session, behind a scheduler serving the base and every adapter."""
+    scheduler = _start_scheduler(event_loop_thread, demo_dir, adapters, "vllm")
+    yield scheduler
+    event_loop_thread.run(scheduler.stop())
+
+
+@pytest.fixture(scope="session")
+def transformers_scheduler(event_loop_thread, demo_dir, adapters):
+    scheduler = _start_scheduler(event_loop_thread, demo_dir, adapters, "transformers")
+    yield scheduler
+    event_loop_thread.run(scheduler.stop())
+
+
+@pytest.fixture(params=["vllm", "transformers"])
+def scheduler(request):
+    """Each engine behind its scheduler (the interface tests run on both)."""
+    return request.getfixturevalue(f"{request.param}_scheduler")
+
+
+# the live server (HTTP layer tests): ONE `d2lora serve` subprocess per session, restarted in place
+
+UPLOAD_CAP_BYTES = 32 << 20
+
+
+@pytest.fixture(scope="session")
+def live_server(demo_dir, tmp_path_factory):
+    from tests.service.live import LiveServer
+
+    server = LiveServer(demo_dir, tmp_path_factory.mktemp("data"), tmp_path_factory.mktemp("logs"),
+                        D2LORA_MAX_UPLOAD_BYTES=str(UPLOAD_CAP_BYTES))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def artifacts(adapters) -> dict[str, Path]:
+    """name -> the D²-LoRA artifact folder behind each of ADAPTERS (what a user uploads)."""
+    return {name: merged.parent / f"{name}-adapter" for name, (merged, _) in adapters.items()}
+
+
+@pytest.fixture(scope="session")
+def uploaded(live_server, artifacts, tmp_path_factory) -> dict[str, dict]:
+    """Every adapter of ADAPTERS uploaded to the live server (one as a .tar.gz archive): name -> record."""
+    from tests.service.uploading import upload_archive, upload_files
+
+    archive_dir = tmp_path_factory.mktemp("archives")
+    records = {}
+    for name, folder in artifacts.items():
+        upload = upload_archive if name == "qkvo" else upload_files
+        response = upload(live_server, name, folder, archive_dir=archive_dir)
+        assert response.status_code == 201, response.text
+        records[name] = response.json()
+    return records

@@ -1,0 +1,114 @@
+"""The scheduler's promises: SPEC §6 under concurrency, no starvation, disconnects free their slot, a full
+queue refuses, unknown models are refused."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+
+import pytest
+
+from service import metrics
+from service.scheduler import QueueFullError, UnknownModelError
+from tests.service.conftest import PROMPTS
+from tests.service.test_engines import complete, request
+
+
+def gauge(g) -> float:
+    return g._value.get()
+
+
+async def settle(scheduler, seconds: float = 5.0) -> None:
+    """Wait until nothing runs or waits (the dispatcher reacts to releases asynchronously)."""
+    deadline = time.monotonic() + seconds
+    while (gauge(metrics.REQUESTS_RUNNING) or gauge(metrics.REQUESTS_WAITING)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+
+
+def test_concurrent_requests_each_get_their_own_models_answer(event_loop_thread, scheduler, references):
+    models = [scheduler.base_name, "qv", "qkvo", "o"]
+    jobs = [(model, i) for i, model in itertools.product(range(len(PROMPTS)), models)]
+
+    async def run():
+        done = await asyncio.gather(*(complete(scheduler, model, PROMPTS[i]) for model, i in jobs))
+        return [answer[0][0] for answer in done]
+
+    got = event_loop_thread.run(run())
+    assert got == [references[model][i] for model, i in jobs]
+    assert gauge(metrics.REQUESTS_RUNNING) == 0 and gauge(metrics.REQUESTS_WAITING) == 0
+
+
+def test_a_steady_stream_does_not_starve_another_model(event_loop_thread, vllm_scheduler):
+    scheduler, stream_seconds = vllm_scheduler, 12 * vllm_scheduler.settings.time_slice_s
+
+    async def steady_stream(until: float):
+        while time.monotonic() < until:
+            await asyncio.gather(*(complete(scheduler, "qv", PROMPTS[0], max_tokens=8) for _ in range(3)))
+
+    async def run():
+        until = time.monotonic() + stream_seconds
+        stream = asyncio.create_task(steady_stream(until))
+        await asyncio.sleep(scheduler.settings.time_slice_s)
+        await complete(scheduler, "o", PROMPTS[1], max_tokens=4)
+        other_done = time.monotonic()
+        await stream
+        return until - other_done
+
+    assert event_loop_thread.run(run()) > 0  # "o" finished while "qv" still had work queued
+
+
+def test_a_client_that_disconnects_frees_its_slot(event_loop_thread, scheduler):
+    async def run():
+        stream = scheduler.generate("qkvo", request(PROMPTS[2], max_tokens=400))
+        await anext(stream)
+        running_mid_stream = gauge(metrics.REQUESTS_RUNNING)
+        await stream.aclose()
+        await settle(scheduler)
+        return running_mid_stream, gauge(metrics.REQUESTS_RUNNING)
+
+    assert event_loop_thread.run(run()) == (1, 0)
+
+
+def test_a_request_cancelled_while_queued_leaves_the_queue(event_loop_thread, scheduler):
+    async def run():
+        await complete(scheduler, "qv", PROMPTS[0], max_tokens=1)  # "qv" resident: "o" must queue behind it
+        busy = asyncio.create_task(complete(scheduler, "qv", PROMPTS[0], max_tokens=64))
+        await asyncio.sleep(0)
+        queued = asyncio.create_task(complete(scheduler, "o", PROMPTS[1]))
+        await asyncio.sleep(0.01)
+        queued.cancel()
+        await asyncio.gather(busy, queued, return_exceptions=True)
+        await settle(scheduler)
+        return gauge(metrics.REQUESTS_WAITING), gauge(metrics.REQUESTS_RUNNING)
+
+    assert event_loop_thread.run(run()) == (0, 0)
+
+
+def test_a_full_queue_refuses_with_a_retry_hint(event_loop_thread, scheduler):
+    limit = scheduler.settings.max_waiting
+
+    async def run():
+        streams = [scheduler.generate("qv", request(PROMPTS[0], max_tokens=2)) for _ in range(limit + 1)]
+        results = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
+        for s in streams:
+            await s.aclose()
+        await settle(scheduler)
+        return results
+
+    refused = [r for r in event_loop_thread.run(run()) if isinstance(r, QueueFullError)]
+    assert len(refused) == 1 and refused[0].retry_after_s >= 1
+
+
+def test_an_unknown_model_is_refused(event_loop_thread, scheduler):
+    with pytest.raises(UnknownModelError, match="nope"):
+        event_loop_thread.run(complete(scheduler, "nope", PROMPTS[0]))
+
+
+def test_a_removed_model_is_refused_and_a_readded_one_serves_again(event_loop_thread, scheduler, adapters,
+                                                                    references):
+    event_loop_thread.run(scheduler.remove_model("o"))
+    with pytest.raises(UnknownModelError):
+        event_loop_thread.run(complete(scheduler, "o", PROMPTS[0]))
+    event_loop_thread.run(scheduler.add_model("o", adapters["o"][1]))
+    assert event_loop_thread.run(complete(scheduler, "o", PROMPTS[0]))[0][0] == references["o"][0]
