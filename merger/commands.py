@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from merger.merge import DEFAULT_MAX_SHARD_BYTES, OUTPUT_DTYPES, merge
@@ -43,7 +42,7 @@ def run_verify(args: argparse.Namespace) -> int:
 
     report = verify(args.base, args.adapter, merged_dir=args.merged, dtype=args.dtype)
     if args.json:
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        report.write_json(args.json)
     print(report.summary())
     return 0 if report.passed else 1
 

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from merger.checkpoint import CheckpointReader
 from merger.config import AdapterConfig
-from merger.formula import row_norm
+from merger.formula import lora_scaling, row_norm
 
 # model_type -> (target_modules, fan_in_fan_out)
 DEFAULT_TARGETS = {"gpt2": (["c_attn", "c_proj"], True)}
@@ -77,8 +77,25 @@ def module_factors(gen: torch.Generator, kind: str, r: int, shape: tuple[int, in
     return factors
 
 
+def _dense_delta(factors: dict, scaling: float, tau: float) -> torch.Tensor:
+    """s·(B₊A₊ − τB₋A₋), or s·BA without the negative pair.  -> (out, in)"""
+    delta = factors["lora_B.weight"] @ factors["lora_A.weight"]
+    if "lora_B_neg.weight" in factors:
+        delta = delta - tau * factors["lora_B_neg.weight"] @ factors["lora_A_neg.weight"]
+    return scaling * delta
+
+
+def _resize_update(factors: dict, w0_stored: torch.Tensor, parsed: AdapterConfig, path: str, relative_size: float) -> None:
+    """Rescale the B factors in place so that ‖ΔW‖_F = relative_size · ‖W0‖_F."""
+    scaling = lora_scaling(parsed.alpha_for(path), parsed.rank_for(path), parsed.use_rslora)
+    ratio = relative_size * w0_stored.float().norm() / _dense_delta(factors, scaling, parsed.tau).norm()
+    for name in ("lora_B.weight", "lora_B_neg.weight"):
+        if name in factors:
+            factors[name] = factors[name] * ratio
+
+
 def random_adapter_tensors(base_dir: Path, kind: str, config: dict, seed: int, scale: float,
-                           dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                           dtype: torch.dtype, relative_size: float | None = None) -> dict[str, torch.Tensor]:
     parsed = AdapterConfig.from_dict(config)
     gen = torch.Generator().manual_seed(seed)
     reader = CheckpointReader(base_dir)
@@ -86,8 +103,10 @@ def random_adapter_tensors(base_dir: Path, kind: str, config: dict, seed: int, s
     try:
         for path, shape in sorted(targeted_modules(reader, parsed).items()):
             factors = module_factors(gen, kind, parsed.rank_for(path), shape, scale)
+            w0 = reader.read(f"{path}.weight")
+            if relative_size is not None:
+                _resize_update(factors, w0, parsed, path, relative_size)
             if kind == "DORA":
-                w0 = reader.read(f"{path}.weight")
                 factors["lora_magnitude_vector"] = _magnitude(gen, w0, parsed.fan_in_fan_out, scale)
             tensors.update({f"base_model.model.{path}.{name}": t.to(dtype) for name, t in factors.items()})
     finally:
@@ -98,15 +117,17 @@ def random_adapter_tensors(base_dir: Path, kind: str, config: dict, seed: int, s
 def write_random_adapter(out_dir: str | Path, base_dir: str | Path, kind: str = "D2LORA", r: int = 4,
                          alpha: float = 8, tau: float = 0.5, seed: int = 0, scale: float = 0.05,
                          targets: list[str] | None = None, dtype: torch.dtype = torch.float32,
-                         **extra_config) -> Path:
+                         relative_size: float | None = None, **extra_config) -> Path:
     """Write a random `kind` adapter ("D2LORA" | "LORA" | "DORA") for base_dir into out_dir.
 
-    `scale` sets the size of B (and DoRA's relative change of m); `extra_config`
+    `scale` sets the size of B (and DoRA's relative change of m); `relative_size`, when
+    given, instead rescales B so that every module's ‖ΔW‖_F is that fraction of ‖W0‖_F
+    (0.05: a realistic fine-tune); `extra_config`
     adds adapter_config.json fields, e.g. rank_pattern={"q_proj": 2}, use_rslora=True.
     """
     out_dir, base_dir = Path(out_dir), Path(base_dir)
     config = adapter_config(base_dir, kind, r, alpha, tau, targets, **extra_config)
-    tensors = random_adapter_tensors(base_dir, kind, config, seed, scale, dtype)
+    tensors = random_adapter_tensors(base_dir, kind, config, seed, scale, dtype, relative_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(tensors, out_dir / "adapter_model.safetensors")
