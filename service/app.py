@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from merger.errors import D2LoraError
 from service import metrics
 from service.auth import Authenticator
+from service.engines.base import ENGINES
 from service.errors import install_error_handlers
 from service.inference import InferenceHandler
 from service.management import AdapterManager
@@ -42,6 +43,11 @@ def base_model_dir(settings: Settings) -> Path:
     if not (settings.base_dir / "config.json").is_file():
         raise ServeError(f"--base: {settings.base_dir} is not a model folder (no config.json)")
     return settings.base_dir
+
+
+def check_engine(settings: Settings) -> None:
+    if settings.engine not in ENGINES:
+        raise ServeError(f"--engine: {settings.engine!r} is not one of {', '.join(sorted(ENGINES))}")
 
 
 def restore_equivalence_gauges(records: list[AdapterRecord]) -> None:
