@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from merger.merge import DEFAULT_MAX_SHARD_BYTES, OUTPUT_DTYPES, merge
+from merger.train.cli import add_demo_parsers
 
 DTYPE_CHOICES = tuple(OUTPUT_DTYPES)
 
@@ -82,6 +83,7 @@ def _add_models(subparsers) -> None:
     demo = sub.add_parser("demo", help="convert SmolLM2-135M-Instruct (GGUF) into a safetensors checkpoint")
     demo.add_argument("--cache-dir", type=Path, default=get_settings().cache_dir)
     demo.set_defaults(func=run_models_demo)
+    add_demo_parsers(sub, get_settings().cache_dir)
 
 
 def add_parser(subparsers) -> None:
