@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from collections import Counter
 
@@ -61,6 +62,16 @@ def test_every_spec_metric_is_on_the_dashboard(dashboard):
     shown = {name for expr in dashboard_expressions(dashboard) for name in metric_names(expr)}
     for metric, kind in SPEC_METRICS.items():
         assert series_names({metric: kind}) & shown, f"{metric} is on no panel"
+
+
+def test_endpoint_selectors_match_routes_of_the_service(dashboard):
+    from service.app import create_app
+    from service.settings import Settings
+
+    paths = [route.path for route in create_app(Settings()).routes]
+    for expr in dashboard_expressions(dashboard):
+        for pattern in re.findall(r'endpoint=~"([^"]+)"', expr):
+            assert [p for p in paths if re.fullmatch(pattern, p)], f"endpoint=~{pattern!r} matches no route of {paths}"
 
 
 def test_every_expression_is_valid_promql(dashboard, tmp_path):
