@@ -14,15 +14,14 @@ import pytest
 from tests.deploy.stack import (
     DOCKERFILE,
     DOCKERIGNORE,
+    ENTRYPOINT_SCRIPT,
+    HEALTHCHECK_SCRIPT,
     REPO,
     SETTINGS_PREFIX,
     dockerfile_env,
     dockerfile_instructions,
     final_stage,
 )
-
-HEALTHCHECK_SCRIPT = REPO / "docker" / "healthcheck.py"
-ENTRYPOINT_SCRIPT = REPO / "docker" / "entrypoint.sh"
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,9 @@ sent to Prometheus' query API, which must answer with at least one series.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -19,7 +22,7 @@ import pytest
 from tests.adapters import write_random_adapter
 from tests.deploy import live
 from tests.deploy.promql import to_promql
-from tests.deploy.stack import dashboard_panels, load_dashboard
+from tests.deploy.stack import HEALTHCHECK_SCRIPT, REPO, dashboard_panels, load_dashboard
 from tests.prom import require_tool
 
 ADAPTERS = ("live-a", "live-b")
@@ -57,7 +60,8 @@ def traffic_wave(client: httpx.Client, models: list[str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def prometheus_url(tiny_base, tmp_path_factory):
+def stack(tiny_base, tmp_path_factory):
+    """(server URL, Prometheus URL) after the traffic has been scraped."""
     binary = require_tool("prometheus")
     work = tmp_path_factory.mktemp("live-dashboard")
     base_dir = tiny_base("llama")
@@ -74,7 +78,12 @@ def prometheus_url(tiny_base, tmp_path_factory):
         live.wait_for_scrapes(prom_url, "d2lora")
         traffic_wave(client, [ADAPTERS[1]])  # so its counters grow between two scrapes too
         live.wait_for_scrapes(prom_url, "d2lora")
-        yield prom_url
+        yield server_url, prom_url
+
+
+@pytest.fixture(scope="module")
+def prometheus_url(stack) -> str:
+    return stack[1]
 
 
 def query(prometheus_url: str, expr: str) -> list[dict]:
@@ -93,6 +102,13 @@ def test_completion_rate_shows_every_model_that_was_called(prometheus_url):
     rates = {s["metric"].get("model", ""): float(s["value"][1]) for s in query(prometheus_url, expr)}
     assert all(rates.get(name, 0) > 0 for name in ADAPTERS), rates
     assert rates.get("", 0) > 0, "the request naming an unknown model is counted without a model"
+
+
+def test_container_healthcheck_passes_once_the_server_is_ready(stack):
+    port = stack[0].rsplit(":", 1)[1]
+    done = subprocess.run([sys.executable, str(HEALTHCHECK_SCRIPT)], env=os.environ | {"D2LORA_PORT": port},
+                          cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
 
 
 def test_equivalence_gauge_is_finite_for_each_adapter(prometheus_url):
