@@ -103,5 +103,5 @@ def teacher_forced_logits(model: nn.Module, probes: ProbeBatch, continuation: to
     """Float32 logits at every non-pad position of prompt + continuation.  -> (positions, vocab)"""
     input_ids = torch.cat([probes.input_ids, continuation], dim=1)  # (probes, seq)
     mask = torch.cat([probes.attention_mask, torch.ones_like(continuation)], dim=1)  # (probes, seq)
-    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask)).logits  # (probes, seq, vocab)
-    return logits[mask.bool()].float()  # (positions, vocab)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask))
+    return out.logits[mask.bool()].float()  # (probes, seq, vocab) -> (positions, vocab)

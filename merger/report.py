@@ -16,6 +16,11 @@ greedy tokens, teacher-forced in both models):
 - weight error          per adapted module, max |W_merged − Ŵ| where Ŵ is recomputed in float64
                         from the base tensor and the factors; "relative" divides by max |Ŵ|
 - max_untouched_abs_diff  max |W_merged − W0 cast to the merged dtype| over every other tensor
+- top1_drop_vs_base     reduced precision only: how far top1_agreement falls below the base model's
+                        own top-1 agreement between float32 and the merged dtype (the "dtype floor",
+                        the same metrics for the base without adapter, fp32 vs that dtype).  A bf16
+                        model disagrees with its fp32 self at near-tied positions whatever the merge
+                        (SmolLM2-135M: 96.9% top-1), so the merge is judged by what it adds to that.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ class ThresholdError(D2LoraError):
     """A threshold value is out of range."""
 
 
-AGREEMENT_FIELDS = ("min_top1_agreement", "min_greedy_agreement")
+AGREEMENT_FIELDS = ("min_top1_agreement", "min_greedy_agreement", "max_top1_drop_vs_base")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +55,7 @@ class Thresholds:
     min_greedy_agreement: float | None = None
     max_relative_weight_error: float | None = None
     max_untouched_abs_diff: float | None = 0.0
+    max_top1_drop_vs_base: float | None = None
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -77,8 +83,8 @@ class Thresholds:
 # fp32 also allows the rounding of the fp32 computation itself.
 DEFAULT_THRESHOLDS = {
     torch.float32: Thresholds(max_relative_logit_error=1e-4, min_greedy_agreement=1.0, max_relative_weight_error=1e-5),
-    torch.bfloat16: Thresholds(min_top1_agreement=0.99, max_relative_weight_error=2**-7),
-    torch.float16: Thresholds(min_top1_agreement=0.99, max_relative_weight_error=2**-10),
+    torch.bfloat16: Thresholds(max_top1_drop_vs_base=0.02, max_relative_weight_error=2**-7),
+    torch.float16: Thresholds(max_top1_drop_vs_base=0.02, max_relative_weight_error=2**-10),
 }
 
 
@@ -98,6 +104,7 @@ CHECKS = (
     Check("min_greedy_agreement", "greedy_agreement", operator.ge, ">="),
     Check("max_relative_weight_error", "max_relative_weight_error", operator.le, "<="),
     Check("max_untouched_abs_diff", "max_untouched_abs_diff", operator.le, "<="),
+    Check("max_top1_drop_vs_base", "top1_drop_vs_base", operator.le, "<="),
 )
 
 
@@ -134,6 +141,7 @@ class EquivalenceReport:
     tensor_name_problems: tuple[str, ...]
     thresholds: Thresholds
     seconds: float
+    dtype_floor: LogitMetrics | None = None  # the base without adapter, float32 vs the merged dtype
     failures: tuple[str, ...] = ()
 
     @property
@@ -145,6 +153,8 @@ class EquivalenceReport:
             return max((e.relative for e in self.weight_errors.values()), default=0.0)
         if name == "max_untouched_abs_diff":
             return self.max_untouched_abs_diff
+        if name == "top1_drop_vs_base":
+            return 0.0 if self.dtype_floor is None else self.dtype_floor.top1_agreement - self.logits.top1_agreement
         return getattr(self.logits, name)
 
     def judged(self) -> "EquivalenceReport":
@@ -165,7 +175,6 @@ class EquivalenceReport:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["weight_errors"] = {k: dataclasses.asdict(v) for k, v in self.weight_errors.items()}
-        out["logits"]["greedy_first_divergence"] = list(self.logits.greedy_first_divergence)
         out["tensor_name_problems"] = list(self.tensor_name_problems)
         out["failures"] = list(self.failures)
         out["passed"] = self.passed
@@ -204,7 +213,16 @@ class EquivalenceReport:
             f"mean KL {m.mean_kl:.3e}",
             f"  top-1 agreement {m.top1_agreement:.2%}   greedy agreement {m.greedy_agreement:.2%} "
             f"({diverged} of {self.probes} probes diverged)",
+            *self._floor_lines(),
         ]
+
+    def _floor_lines(self) -> list[str]:
+        if self.dtype_floor is None:
+            return []
+        f = self.dtype_floor
+        return [f"  dtype floor, base alone float32 vs {self.merged_dtype}: top-1 {f.top1_agreement:.2%}   "
+                f"max |Δlogit| {f.max_abs_logit_diff:.3e}   mean KL {f.mean_kl:.3e}   "
+                f"top-1 drop vs base {self.metric('top1_drop_vs_base'):+.2%}"]
 
     def _weight_lines(self) -> list[str]:
         worst = self.worst_module()

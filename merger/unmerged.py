@@ -15,6 +15,7 @@ factors if they change.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -39,9 +40,8 @@ class UnmergedLinear(nn.Module):
         super().__init__()
         self.kind, self.recompute_scale, self.fan_in_fan_out = kind, recompute_scale, adapter.fan_in_fan_out
         self.weight, self.bias = base.weight, base.bias  # stored layout; shared with the base, not copied
-        device = base.weight.device
-        self.adapter = ModuleAdapter(adapter.path, {n: t.to(device, formula.COMPUTE_DTYPE) for n, t in adapter.factors.items()},
-                                     adapter.scaling, adapter.tau, adapter.fan_in_fan_out)
+        factors = {name: t.to(base.weight.device, formula.COMPUTE_DTYPE) for name, t in adapter.factors.items()}
+        self.adapter = dataclasses.replace(adapter, factors=factors)
         self.register_buffer("cached_scale", None if recompute_scale else self.compute_row_scale(), persistent=False)
 
     def weight_out_in(self) -> torch.Tensor:

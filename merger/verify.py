@@ -55,11 +55,14 @@ def _run_reference(base_dir: Path, adapter: Adapter, probes: ProbeBatch) -> Mode
     return ModelRun(greedy, teacher_forced_logits(model, probes, greedy))
 
 
-def _run_merged(merged_dir: Path, dtype: torch.dtype, probes: ProbeBatch, reference_greedy: torch.Tensor) -> ModelRun:
+def _run_checkpoint(folder: Path, dtype: torch.dtype, probes: ProbeBatch,
+                    forced: torch.Tensor | None = None) -> ModelRun:
+    """A plain checkpoint's greedy tokens, and its logits on `forced` (default: its own greedy tokens)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype).eval()
-    return ModelRun(greedy_continuations(model, probes), teacher_forced_logits(model, probes, reference_greedy))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    greedy = greedy_continuations(model, probes)
+    return ModelRun(greedy, teacher_forced_logits(model, probes, greedy if forced is None else forced))
 
 
 def first_divergence(reference: torch.Tensor, merged: torch.Tensor) -> list[int | None]:
@@ -174,12 +177,23 @@ def _weight_checks(base_dir: Path, merged: CheckpointReader, adapter: Adapter, b
         base.close()
 
 
-def _logit_checks(base_dir: Path, merged_dir: Path, adapter: Adapter, dtype: torch.dtype) -> LogitMetrics:
+def dtype_floor(base_dir: Path, dtype: torch.dtype, probes: ProbeBatch) -> LogitMetrics | None:
+    """What the dtype alone costs: the base without adapter, float32 vs dtype (None for float32)."""
+    if dtype == REFERENCE_DTYPE:
+        return None
+    reference = _run_checkpoint(base_dir, REFERENCE_DTYPE, probes)
+    gc.collect()
+    return logit_metrics(reference, _run_checkpoint(base_dir, dtype, probes, reference.greedy))
+
+
+def _logit_checks(base_dir: Path, merged_dir: Path, adapter: Adapter,
+                  dtype: torch.dtype) -> tuple[LogitMetrics, LogitMetrics | None]:
     probes = build_probes(load_tokenizer(base_dir))
     reference = _run_reference(base_dir, adapter, probes)
-    gc.collect()  # the reference model is gone before the merged one loads
-    merged = _run_merged(merged_dir, dtype, probes, reference.greedy)
-    return logit_metrics(reference, merged)
+    gc.collect()  # each model is gone before the next one loads
+    merged = _run_checkpoint(merged_dir, dtype, probes, reference.greedy)
+    gc.collect()
+    return logit_metrics(reference, merged), dtype_floor(base_dir, dtype, probes)
 
 
 def _checked_merged_reader(merged_dir: Path, bound: list[ModuleAdapter]) -> CheckpointReader:
@@ -210,7 +224,7 @@ def verify(base_dir: str | Path, adapter_path: str | Path, merged_dir: str | Pat
             errors, untouched, name_problems = _weight_checks(base_dir, merged, adapter, bound)
         finally:
             merged.close()
-        logits = _logit_checks(base_dir, folder, adapter, merged_dtype)
+        logits, floor = _logit_checks(base_dir, folder, adapter, merged_dtype)
     gc.collect()
     report = EquivalenceReport(
         base=str(base_dir), adapter=str(adapter_path), merged=str(merged_dir) if merged_dir else None,
@@ -218,11 +232,13 @@ def verify(base_dir: str | Path, adapter_path: str | Path, merged_dir: str | Pat
         probes=len(logits.greedy_first_divergence), new_tokens=NEW_TOKENS, logits=logits, weight_errors=errors,
         max_untouched_abs_diff=untouched, tensor_name_problems=name_problems,
         thresholds=thresholds or Thresholds.for_dtype(merged_dtype), seconds=time.perf_counter() - start,
+        dtype_floor=floor,
     )
     return report.judged()
 
 
 def _base_shapes(base_dir: Path) -> dict[str, tuple[int, ...]]:
-    reader = CheckpointReader(base_dir)
+    reader = CheckpointReader(base_dir)  # reads the shard headers only
+    shapes = reader.shapes()
     reader.close()
-    return reader.shapes()
+    return shapes

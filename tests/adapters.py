@@ -85,7 +85,8 @@ def _dense_delta(factors: dict, scaling: float, tau: float) -> torch.Tensor:
     return scaling * delta
 
 
-def _resize_update(factors: dict, w0_stored: torch.Tensor, parsed: AdapterConfig, path: str, relative_size: float) -> None:
+def _resize_update(factors: dict, w0_stored: torch.Tensor, parsed: AdapterConfig, path: str,
+                   relative_size: float) -> None:
     """Rescale the B factors in place so that ‖ΔW‖_F = relative_size · ‖W0‖_F."""
     scaling = lora_scaling(parsed.alpha_for(path), parsed.rank_for(path), parsed.use_rslora)
     ratio = relative_size * w0_stored.float().norm() / _dense_delta(factors, scaling, parsed.tau).norm()
