@@ -1,7 +1,7 @@
 """The app factory: `create_app(settings)` builds the FastAPI app; its lifespan starts everything.
 
-Start: load the adapter registry (temp leftovers removed, interrupted merges
-failed), read or create the admin token, start the engine(s) and the scheduler,
+Start: load the adapter registry (what dead servers left is recovered; see
+service/registry.py for replicas sharing a data dir), read or create the admin token, start the engine(s) and the scheduler,
 hand every ready adapter to the scheduler, then answer /ready.  Stop: the
 reverse.  Handlers live in `app.state`: `inference`, `adapters`, `auth`.
 """
@@ -84,6 +84,7 @@ async def lifespan(app: FastAPI):
         app.state.ready = False
         await app.state.adapters.close()
         await scheduler.stop()
+        registry.close()
 
 
 class RequestMetrics:

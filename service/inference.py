@@ -13,6 +13,7 @@ import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -98,11 +99,17 @@ class InferenceHandler:
                     for r in self.registry.all_serving()]
         return ModelList(data=[base, *adapters])
 
-    def resolve(self, model: str) -> str:
-        if model == self.base_name or self.registry.serving(model) is not None:
+    async def resolve(self, model: str) -> str:
+        """The model's name, once the scheduler serves its current version (a replica may have uploaded it)."""
+        if model == self.base_name:
             return model
-        raise APIError(404, f"the model {model!r} does not exist (GET /v1/models lists them)", param="model",
-                       code="model_not_found")
+        record = self.registry.serving(model)
+        if record is None:
+            raise APIError(404, f"the model {model!r} does not exist (GET /v1/models lists them)", param="model",
+                           code="model_not_found")
+        if not self.scheduler.serves(model, Path(record.tensors_file)):
+            await self.scheduler.add_model(model, Path(record.tensors_file))
+        return model
 
     async def complete(self, body: CompletionRequest, request: Request):
         return await self._serve(body, request, body.prompt_text, CompletionShaper(body.model))
@@ -112,7 +119,7 @@ class InferenceHandler:
         return await self._serve(body, request, prompt, ChatShaper(body.model))
 
     async def _serve(self, body: SamplingParams, request: Request, prompt: str, shaper: "Shaper"):
-        request.state.model = model = self.resolve(body.model)
+        request.state.model = model = await self.resolve(body.model)
         tracker = Tracker(model, body.n, arrival=time.perf_counter())
         generation = GenerationRequest(shaper.id, prompt, body.sampling_options(self.default_max_tokens))
         chunks = self.scheduler.generate(model, generation)

@@ -2,23 +2,35 @@
 
     <data_dir>/adapters/<name>/000001.json          the record of version 1
     <data_dir>/adapters/<name>/000001.safetensors   its fused target tensors (what the scheduler swaps in)
-    <data_dir>/tmp/                                 uploads and merges in progress; emptied at start
+    <data_dir>/registry.lock                        every live server holds it shared (flock)
+    <data_dir>/tmp/<owner>/                         one server's uploads and merges in progress
+    <data_dir>/tmp/<owner>.lock                     held exclusively by that server while it lives
 
 Every file is written to a temporary name, fsynced and renamed, so a crash
 leaves either the old file or the new one.  The record a client sees is a
 name's latest version; the version that serves is its latest *ready* one, so a
 replacement in progress (or one that failed) leaves the previous version serving
-until the new one is ready.  At start, a version left `merging` by a crash
-becomes `failed`; files no record points to are deleted.
+until the new one is ready.
+
+Several servers (replicas) may share one data dir.  Recovery at start touches
+only what dead servers left: a `merging` version whose owner's lock is free
+becomes `failed`, and a dead owner's tmp folder is deleted.  Only a server that
+finds itself alone (it gets registry.lock exclusively) also deletes files no
+record points to and fails `ready` versions whose tensors vanished.  Records
+are re-read from disk whenever a name's folder changes (mtime), so replicas
+see each other's uploads, replacements and deletions.  flock needs a local
+filesystem or one that honours it (NFSv4, CephFS).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import re
 import shutil
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -32,6 +44,9 @@ NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 RECORD_SUFFIX = ".json"
 TENSORS_SUFFIX = ".safetensors"
 INTERRUPTED = "interrupted: the server stopped while this adapter was merging; upload it again"
+LOCK_FILE = "registry.lock"
+LOCK_SUFFIX = ".lock"
+SETTLED_NS = 2_000_000_000  # a folder changed this recently may change again within its mtime's granularity
 
 Status = Literal["merging", "ready", "failed"]
 
@@ -49,6 +64,7 @@ class AdapterRecord(BaseModel):
     error: str | None = None
     warnings: list[str] = Field(default_factory=list)
     tensors_file: str | None = None  # fused target tensors, absolute path; set when ready
+    owner: str | None = None  # the server that merges it (its tmp/<owner>.lock is held while it lives)
 
     @property
     def stem(self) -> str:
@@ -74,31 +90,124 @@ def write_atomic(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def create_exclusive(path: Path, data: bytes) -> bool:
+    """Like write_atomic, but only if `path` does not exist yet (False then): claims a name among replicas."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    write_atomic(tmp, data)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink()
+    fsync_dir(path.parent)
+    return True
+
+
+def _lock(path: Path, mode: int) -> int | None:
+    """An fd holding flock `mode` on `path` (created if missing), or None if another holder conflicts."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def owner_alive(tmp: Path, owner: str | None) -> bool:
+    """Whether the server `owner` still holds its lock (a missing lock file: it is gone)."""
+    path = tmp / f"{owner}{LOCK_SUFFIX}"
+    if owner is None or not path.is_file():
+        return False
+    fd = _lock(path, fcntl.LOCK_EX)
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
 class Registry:
-    """Every version of every adapter, loaded from and persisted to `data_dir`."""
+    """Every version of every adapter, loaded from and persisted to `data_dir` (shared by replicas)."""
 
     def __init__(self, data_dir: Path):
         self.root = data_dir / "adapters"
         self.tmp = data_dir / "tmp"
+        self.lock_path = data_dir / LOCK_FILE
+        self.owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.versions: dict[str, dict[int, AdapterRecord]] = {}
+        self.seen: dict[str, int] = {}  # name -> mtime_ns of its folder when last read
+        self.fds: list[int] = []
 
     def load(self) -> None:
-        """Read every record; fail interrupted merges; remove temp and orphan files."""
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        """Take the locks, recover what dead servers left, read every record."""
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.root.mkdir(parents=True, exist_ok=True)
-        for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and NAME_PATTERN.match(p.name)):
-            self._load_adapter(folder)
-        self._remove_strays()
+        fd = _lock(self.lock_path, fcntl.LOCK_EX)
+        alone = fd is not None
+        if not alone:
+            fd = os.open(self.lock_path, os.O_RDWR)
+            fcntl.flock(fd, fcntl.LOCK_SH)  # waits while a server that started alone recovers
+        self.fds.append(fd)
+        self._remove_dead_owners()
+        self._claim_work_dir()
+        self.refresh()
+        self._fail_interrupted(alone)
+        if alone:
+            self._remove_strays()
+            fcntl.flock(fd, fcntl.LOCK_SH)
 
-    def _load_adapter(self, folder: Path) -> None:
-        for path in sorted(folder.glob(f"*{RECORD_SUFFIX}")):
-            record = AdapterRecord.model_validate_json(path.read_bytes())
-            if record.status == "merging" or (record.status == "ready" and not self._tensors_exist(record)):
-                record = record.model_copy(update={"status": "failed", "error": INTERRUPTED, "tensors_file": None})
-                self.save(record)
+    def close(self) -> None:
+        """Release the locks (as a crash would; files stay)."""
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+
+    def _remove_dead_owners(self) -> None:
+        """tmp/ entries of servers that no longer hold their lock (a folder's lock is made before it)."""
+        for path in list(self.tmp.iterdir()):
+            owner = path.name.removesuffix(LOCK_SUFFIX)
+            if not owner_alive(self.tmp, owner):
+                _remove(self.tmp / owner)
+                (self.tmp / f"{owner}{LOCK_SUFFIX}").unlink(missing_ok=True)
+
+    def _claim_work_dir(self) -> None:
+        fd = _lock(self.tmp / f"{self.owner}{LOCK_SUFFIX}", fcntl.LOCK_EX)
+        assert fd is not None, "a fresh owner id is never locked"
+        self.fds.append(fd)
+        (self.tmp / self.owner).mkdir()
+
+    def _fail_interrupted(self, alone: bool) -> None:
+        for record in [r for versions in self.versions.values() for r in versions.values()]:
+            cut = record.status == "merging" and not owner_alive(self.tmp, record.owner)
+            vanished = alone and record.status == "ready" and not self._tensors_exist(record)
+            if cut or vanished:
+                self.save(record.model_copy(update={"status": "failed", "error": INTERRUPTED, "tensors_file": None}))
                 logger.warning("adapter %s v%d: %s", record.name, record.version, INTERRUPTED)
-            self.versions.setdefault(record.name, {})[record.version] = record
+
+    def refresh(self) -> None:
+        """Re-read the records of every name whose folder changed on disk (another replica wrote it)."""
+        names = {p.name for p in self.root.iterdir() if NAME_PATTERN.match(p.name) and p.is_dir()}
+        for gone in set(self.versions) - names:
+            self.versions.pop(gone, None)
+            self.seen.pop(gone, None)
+        for name in names:
+            self._refresh_name(name)
+
+    def _refresh_name(self, name: str) -> None:
+        try:
+            mtime = (self.root / name).stat().st_mtime_ns
+        except FileNotFoundError:
+            self.versions.pop(name, None)
+            return
+        if self.seen.get(name) == mtime:
+            return
+        records = {r.version: r for r in map(_read_record, (self.root / name).glob(f"*{RECORD_SUFFIX}")) if r}
+        self.versions[name] = records
+        if not records:
+            self.versions.pop(name)
+        settled = time.time_ns() - mtime > SETTLED_NS
+        self.seen[name] = mtime if settled else -1
 
     @staticmethod
     def _tensors_exist(record: AdapterRecord) -> bool:
@@ -119,27 +228,39 @@ class Registry:
     # queries
 
     def latest(self, name: str) -> AdapterRecord | None:
+        if NAME_PATTERN.match(name):
+            self._refresh_name(name)
         versions = self.versions.get(name)
         return versions[max(versions)] if versions else None
 
     def serving(self, name: str) -> AdapterRecord | None:
+        if NAME_PATTERN.match(name):
+            self._refresh_name(name)
         ready = [r for r in self.versions.get(name, {}).values() if r.status == "ready"]
         return max(ready, key=lambda r: r.version) if ready else None
 
     def all_latest(self) -> list[AdapterRecord]:
+        self.refresh()
         return [self.latest(name) for name in sorted(self.versions)]
 
     def all_serving(self) -> list[AdapterRecord]:
+        self.refresh()
         return [r for r in (self.serving(name) for name in sorted(self.versions)) if r is not None]
 
     # changes
 
     def new_version(self, name: str, **fields) -> AdapterRecord:
-        """A `merging` record for the next version of `name`, persisted."""
+        """A `merging` record for the next version of `name`, persisted (a version a replica took is skipped)."""
+        self._refresh_name(name)
         version = max(self.versions.get(name, {0: None})) + 1
-        record = AdapterRecord(name=name, version=version, status="merging", **fields)
-        self.save(record)
-        return record
+        folder = self.root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        while True:
+            record = AdapterRecord(name=name, version=version, status="merging", owner=self.owner, **fields)
+            if create_exclusive(folder / f"{record.stem}{RECORD_SUFFIX}", record.model_dump_json(indent=2).encode()):
+                self.versions.setdefault(name, {})[version] = record
+                return record
+            version += 1
 
     def tensors_path(self, record: AdapterRecord) -> Path:
         return self.root / record.name / f"{record.stem}{TENSORS_SUFFIX}"
@@ -152,10 +273,10 @@ class Registry:
 
     def discard(self, record: AdapterRecord) -> None:
         """Forget one version (a failed synchronous upload): the registry is as it was before it."""
-        self.versions[record.name].pop(record.version, None)
+        self.versions.get(record.name, {}).pop(record.version, None)
         for path in (self.root / record.name / f"{record.stem}{RECORD_SUFFIX}", self.tensors_path(record)):
             path.unlink(missing_ok=True)
-        if not self.versions[record.name]:
+        if self.latest(record.name) is None:
             self.delete(record.name)
 
     def prune(self, name: str) -> None:
@@ -169,16 +290,24 @@ class Registry:
         self.versions.pop(name, None)
         folder = self.root / name
         if folder.exists():
-            doomed = self.tmp / f"deleted-{name}-{uuid.uuid4().hex}"
+            doomed = self.tmp / self.owner / f"deleted-{name}-{uuid.uuid4().hex}"
             os.rename(folder, doomed)
             fsync_dir(self.root)
             shutil.rmtree(doomed, ignore_errors=True)
 
     def work_dir(self) -> Path:
         """A fresh folder under tmp/ for one upload and its merge."""
-        folder = self.tmp / uuid.uuid4().hex
-        folder.mkdir(parents=True)
+        folder = self.tmp / self.owner / uuid.uuid4().hex
+        folder.mkdir()
         return folder
+
+
+def _read_record(path: Path) -> AdapterRecord | None:
+    """A record file, or None if it vanished since it was listed (another replica pruned it)."""
+    try:
+        return AdapterRecord.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        return None
 
 
 def _remove(path: Path) -> None:

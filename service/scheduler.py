@@ -139,6 +139,9 @@ class Scheduler:
         self.models[name] = Path(tensors_file)
         self._wake.set()
 
+    def serves(self, name: str, tensors_file: Path) -> bool:
+        return self.models.get(name) == Path(tensors_file)
+
     async def remove_model(self, name: str) -> None:
         """Stop serving `name`: its queued requests fail, running ones finish."""
         self.models.pop(name, None)

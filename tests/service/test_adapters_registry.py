@@ -32,11 +32,13 @@ def test_a_merge_interrupted_by_a_crash_becomes_failed_and_temp_files_go(tmp_pat
     leftover = registry.work_dir() / "merged"
     leftover.mkdir()
     (tmp_path / "adapters" / "beta" / ".000001.json.abc.tmp").write_text("{half")
+    registry.close()  # the crash: its locks go, its files stay
     after = reloaded(tmp_path)
     record = after.latest("beta")
     assert record.status == "failed" and record.error == INTERRUPTED
     assert after.serving("beta") is None and after.all_serving() == []
-    assert list((tmp_path / "tmp").iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == [after.owner, f"{after.owner}.lock"]
+    assert list((tmp_path / "tmp" / after.owner).iterdir()) == []
     assert [p.name for p in (tmp_path / "adapters" / "beta").iterdir()] == ["000001.json"]
 
 
@@ -44,6 +46,7 @@ def test_a_ready_record_whose_tensors_vanished_is_failed(tmp_path):
     registry = reloaded(tmp_path)
     record = ready(registry, "gamma")
     registry.tensors_path(record).unlink()
+    registry.close()
     assert reloaded(tmp_path).latest("gamma").status == "failed"
 
 
@@ -52,6 +55,7 @@ def test_a_replacement_in_progress_leaves_the_previous_version_serving(tmp_path)
     first = ready(registry, "delta")
     second = registry.new_version("delta", kind="D2LORA", base_model="base")
     assert registry.latest("delta") == second and registry.serving("delta") == first
+    registry.close()
     after = reloaded(tmp_path)
     assert after.latest("delta").status == "failed" and after.serving("delta") == first
 
