@@ -233,9 +233,12 @@ class Scheduler:
                 await self._swap(slot)
 
     def _admit(self, slot: Slot, now: float) -> None:
-        """Admit every queued request whose model's weights this slot holds."""
+        """Admit queued requests whose model's weights this slot holds, up to max_num_seqs running.
+
+        The rest wait in the bounded queue, so an overload is answered 429 instead of piling up in the engine.
+        """
         for model, queue in self.queues.items():
-            while queue and self._holds(slot, model):
+            while queue and self._holds(slot, model) and slot.running < self.settings.max_num_seqs:
                 if slot.running == 0:
                     slot.busy_since = now
                 ticket = queue.popleft()
