@@ -90,8 +90,12 @@ def test_a_full_queue_refuses_with_a_retry_hint(event_loop_thread, scheduler):
 
     async def run():
         streams = [scheduler.generate("qv", request(PROMPTS[0], max_tokens=2)) for _ in range(limit + 1)]
-        results = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
-        for s in streams:
+        firsts = [asyncio.ensure_future(anext(s)) for s in streams]
+        await asyncio.sleep(0.05)  # every request has been queued or refused; at most max_num_seqs run
+        results = [f.exception() if f.done() and not f.cancelled() else None for f in firsts]
+        for first, s in zip(firsts, streams):
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
             await s.aclose()
         await settle(scheduler)
         return results
