@@ -73,17 +73,18 @@ class TransformersEngine(Engine):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         options = request.sampling
         prompt_ids = self.tokenizer.encode(request.prompt)
+        budget = self._token_budget(len(prompt_ids), options.max_tokens)
         choices = [ChoiceText(self.tokenizer, options.stop) for _ in range(options.n)]
         generator = torch.Generator().manual_seed(options.seed if options.seed is not None else torch.seed())
         input_ids, cache = torch.tensor([prompt_ids] * options.n), None  # (n, prompt)
         try:
-            for step in range(options.max_tokens):
+            for step in range(budget):
                 if request.request_id in self.aborted:
                     return
                 async with self.step_lock:
                     logits, cache = await asyncio.to_thread(self._forward, input_ids, cache)
                 input_ids = next_tokens(logits, options, generator).unsqueeze(1)  # (n, 1)
-                last = step + 1 == options.max_tokens
+                last = step + 1 == budget
                 for index, choice in enumerate(choices):
                     chunk = self._advance(choice, index, int(input_ids[index]), len(prompt_ids), last)
                     if chunk is not None:
@@ -92,6 +93,16 @@ class TransformersEngine(Engine):
                     return
         finally:
             self.aborted.discard(request.request_id)
+
+    def _token_budget(self, prompt_tokens: int, max_tokens: int) -> int:
+        """max_tokens, cut so prompt + completion fit max_model_len (as vLLM does); an empty or too long prompt
+        is refused (vLLM refuses both too)."""
+        if prompt_tokens == 0:
+            raise ValueError("the prompt is empty")
+        room = self.settings.max_model_len - prompt_tokens
+        if room < 1:
+            raise ValueError(f"the prompt has {prompt_tokens} tokens; max_model_len is {self.settings.max_model_len}")
+        return min(max_tokens, room)
 
     def _advance(self, choice: ChoiceText, index: int, token: int, prompt_tokens: int,
                  last: bool) -> GenerationChunk | None:
