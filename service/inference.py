@@ -118,7 +118,7 @@ class InferenceHandler:
         prompt = self.scheduler.apply_chat_template([m.as_template_input() for m in body.messages])
         return await self._serve(body, request, prompt, ChatShaper(body.model))
 
-    async def _serve(self, body: SamplingParams, request: Request, prompt: str, shaper: "Shaper"):
+    async def _serve(self, body: SamplingParams, request: Request, prompt: str, shaper: Shaper):
         request.state.model = model = await self.resolve(body.model)
         tracker = Tracker(model, body.n, arrival=time.perf_counter())
         generation = GenerationRequest(shaper.id, prompt, body.sampling_options(self.default_max_tokens))
@@ -135,7 +135,7 @@ class InferenceHandler:
 
 
 async def collect(chunks: AsyncIterator[GenerationChunk], first: GenerationChunk, tracker: Tracker,
-                  shaper: "Shaper") -> OpenAIBaseModel:
+                  shaper: Shaper) -> OpenAIBaseModel:
     try:
         tracker.add(first)
         async for chunk in chunks:
@@ -147,7 +147,7 @@ async def collect(chunks: AsyncIterator[GenerationChunk], first: GenerationChunk
 
 
 async def stream_events(chunks: AsyncIterator[GenerationChunk], first: GenerationChunk, tracker: Tracker,
-                        shaper: "Shaper", include_usage: bool) -> AsyncIterator[str]:
+                        shaper: Shaper, include_usage: bool) -> AsyncIterator[str]:
     """SSE events; a client that disconnects cancels this, and closing `chunks` aborts the request."""
     try:
         for event in shaper.opening(tracker.n):

@@ -25,7 +25,6 @@ filesystem or one that honours it (NFSv4, CephFS).
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import re
