@@ -23,6 +23,11 @@ from merger.errors import D2LoraError
 
 COMPUTE_DTYPE = torch.float32
 NORM_DTYPE = torch.float64
+# Float64 row norms go a block of rows at a time, about this many elements per
+# block: a float64 copy of a whole (4096, 4096) weight is a fresh 128 MiB
+# allocation that is page-faulted in on every call; a block's memory is reused.
+# Each row's norm is computed exactly as on the whole tensor.
+BLOCK_ELEMENTS = 1 << 20
 
 
 class FusionError(D2LoraError):
@@ -36,7 +41,7 @@ def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
 
 def low_rank_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """ΔW = s · B A in fp32.  a: (r, in), b: (out, r) -> (out, in)."""
-    return scaling * (b.to(COMPUTE_DTYPE) @ a.to(COMPUTE_DTYPE))
+    return (b.to(COMPUTE_DTYPE) @ a.to(COMPUTE_DTYPE)).mul_(scaling)
 
 
 def d2lora_delta(
@@ -54,41 +59,60 @@ def d2lora_delta(
     """
     b = torch.cat([b_pos.to(COMPUTE_DTYPE), -tau * b_neg.to(COMPUTE_DTYPE)], dim=1)  # (out, 2r)
     a = torch.cat([a_pos.to(COMPUTE_DTYPE), a_neg.to(COMPUTE_DTYPE)], dim=0)  # (2r, in)
-    return scaling * (b @ a)
+    return (b @ a).mul_(scaling)
+
+
+def row_blocks(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Views of consecutive row blocks of w, about BLOCK_ELEMENTS each.  (out, in) -> ((rows, in), ...)"""
+    return w.split(max(1, BLOCK_ELEMENTS // max(1, w.shape[-1])))
 
 
 def row_norm(w: torch.Tensor) -> torch.Tensor:
     """L2 norm of every output row, accumulated in float64.  (out, in) -> (out, 1)."""
-    return torch.linalg.vector_norm(w.to(NORM_DTYPE), dim=1, keepdim=True)
+    return torch.cat([torch.linalg.vector_norm(block.to(NORM_DTYPE), dim=1, keepdim=True) for block in row_blocks(w)])
 
 
-def directional_scale(target_norm: torch.Tensor, w_adapted: torch.Tensor) -> torch.Tensor:
-    """s = target / ‖W′‖_row as fp32, (out, 1).  Raises FusionError on a zero row."""
-    adapted_norm = row_norm(w_adapted)  # (out, 1) float64
+def adapted_row_norm(w0: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """n′ = ‖W0 + ΔW‖_row in float64, a block of rows at a time, never forming W′.  (out, in) -> (out, 1)."""
+    blocks = zip(row_blocks(w0), row_blocks(delta))
+    return torch.cat([row_norm(w.to(COMPUTE_DTYPE) + d) for w, d in blocks])
+
+
+def norm_ratio(target_norm: torch.Tensor, adapted_norm: torch.Tensor) -> torch.Tensor:
+    """s = target / n′ as fp32, (out, 1).  Raises FusionError on a zero row."""
     if bool((adapted_norm == 0).any()):
         rows = (adapted_norm.squeeze(1) == 0).nonzero().flatten()[:5].tolist()
         raise FusionError(f"adapted weight has zero norm in rows {rows}")
     return (target_norm.to(NORM_DTYPE) / adapted_norm).to(COMPUTE_DTYPE)
 
 
+def directional_scale(target_norm: torch.Tensor, w_adapted: torch.Tensor) -> torch.Tensor:
+    """s = target / ‖W′‖_row as fp32, (out, 1).  Raises FusionError on a zero row."""
+    return norm_ratio(target_norm, row_norm(w_adapted))
+
+
 def d2lora_row_scale(w0: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """n0 / n′ with n0 = ‖W0‖_row, n′ = ‖W0 + ΔW‖_row.  -> (out, 1) fp32."""
-    w0 = w0.to(COMPUTE_DTYPE)
-    return directional_scale(row_norm(w0), w0 + delta)
+    return norm_ratio(row_norm(w0), adapted_row_norm(w0, delta))
 
 
 def dora_row_scale(w0: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
     """m / ‖W0 + ΔW‖_row.  magnitude: (out,) -> (out, 1) fp32."""
-    return directional_scale(magnitude.reshape(-1, 1), w0.to(COMPUTE_DTYPE) + delta)
+    return norm_ratio(magnitude.reshape(-1, 1), adapted_row_norm(w0, delta))
 
 
 def fuse(
     w0: torch.Tensor, delta: torch.Tensor, row_scale: torch.Tensor | None, add_residual: bool
 ) -> torch.Tensor:
-    """Ŵ = s ⊙ (W0 + ΔW) + c·ΔW in fp32.  w0, delta: (out, in); row_scale: (out, 1) or None."""
-    adapted = w0.to(COMPUTE_DTYPE) + delta  # W′ (out, in)
-    fused = adapted if row_scale is None else row_scale * adapted
-    return fused + delta if add_residual else fused
+    """Ŵ = s ⊙ (W0 + ΔW) + c·ΔW in fp32.  w0, delta: (out, in); row_scale: (out, 1) or None.
+
+    For merging only (not differentiable in row_scale): after W′ = W0 + ΔW is
+    formed, the scale and the residual are applied in place on it.
+    """
+    fused = w0.to(COMPUTE_DTYPE) + delta  # W′ (out, in), a fresh tensor
+    if row_scale is not None:
+        fused.mul_(row_scale)
+    return fused.add_(delta) if add_residual else fused
 
 
 def combine_outputs(
@@ -109,6 +133,9 @@ def combine_outputs(
 
 
 def check_finite(fused: torch.Tensor, module: str) -> None:
-    """Raise FusionError naming the module if Ŵ holds NaN or ±inf."""
-    if not bool(torch.isfinite(fused).all()):
+    """Raise FusionError naming the module if Ŵ holds NaN or ±inf.
+
+    One pass, no temporary: aminmax propagates NaN, and ±inf is its own extreme.
+    """
+    if fused.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(fused))).all()):
         raise FusionError(f"{module}: fused weight has non-finite values")
