@@ -40,6 +40,11 @@ from merger.kinds import AdapterKind, ModuleAdapter
 
 OUTPUT_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_SHARD_BYTES = 2 << 30
+# torch intra-op threads while fusing.  The merge is I/O-bound and its maths (a few
+# element-wise passes per targeted weight) memory-bound, so more threads buy little;
+# on a busy host their spin-waits cost more than they save: a 2.6 GB merge on 2
+# shared cores took 2× the wall time with 2 threads as with 1 (benchmarks/merge_bench.py).
+MERGE_THREADS = 1
 PROVENANCE_NAME = "d2lora_merge.json"
 TMP_MARKER = ".d2lora-tmp-"
 SKIPPED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".pkl", ".ckpt", ".gguf", ".lock")
@@ -73,6 +78,30 @@ def _output_spec(spec: TensorSpec, dtype: torch.dtype | None) -> TensorSpec:
 def check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() or out_dir.is_symlink():
         raise MergeError(f"--out: {out_dir} already exists")
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int | None) -> Iterator[None]:
+    """Run torch ops of the calling thread on `count` threads (None: unchanged), then restore.
+
+    With torch's OpenMP backend the setting belongs to the calling thread, so a
+    server's other threads keep theirs (a thread that first runs torch during the
+    merge starts with `count`).
+    """
+    if count is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def check_threads(threads: int | None) -> None:
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise MergeError(f"threads: must be a positive integer or None, got {threads!r}")
 
 
 @contextlib.contextmanager
@@ -158,9 +187,13 @@ def _provenance(adapter: Adapter, adapter_path: Path, base_dir: Path, dtype: str
 
 def merge(base_dir: str | Path, adapter_path: str | Path, out_dir: str | Path, dtype: str = "auto",
           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool | None = None,
-          limits: ArchiveLimits = DEFAULT_LIMITS) -> MergeResult:
-    """Fuse the adapter into the base and write a standalone checkpoint at out_dir."""
+          limits: ArchiveLimits = DEFAULT_LIMITS, threads: int | None = MERGE_THREADS) -> MergeResult:
+    """Fuse the adapter into the base and write a standalone checkpoint at out_dir.
+
+    `threads`: torch intra-op threads for the fusing maths (None keeps torch's setting).
+    """
     start = time.perf_counter()
+    check_threads(threads)
     base_dir, adapter_path, out_dir = Path(base_dir), Path(adapter_path), Path(out_dir)
     target_dtype = resolve_dtype(dtype)
     check_out_dir(out_dir)
@@ -170,7 +203,9 @@ def merge(base_dir: str | Path, adapter_path: str | Path, out_dir: str | Path, d
     check_float_targets(reader, bound)
     try:
         with atomic_output_dir(out_dir) as tmp:
-            tensors, nbytes = write_merged_shards(reader, adapter.kind, bound, tmp, target_dtype, max_shard_bytes, progress)
+            with intra_op_threads(threads):
+                tensors, nbytes = write_merged_shards(reader, adapter.kind, bound, tmp, target_dtype, max_shard_bytes,
+                                                      progress)
             copy_side_files(base_dir, tmp, target_dtype)
             provenance = _provenance(adapter, adapter_path, base_dir, dtype)
             (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2) + "\n")
