@@ -3,11 +3,13 @@
 That covers the service's own APIError, request validation (422), Starlette's
 404 (unknown route) and 405 (wrong method), user errors from the merger
 (D2LoraError -> 400), the scheduler's full queue (429 + Retry-After)
-and vanished models (404), and anything unexpected (500, logged with its traceback).
+and vanished models (404), a data dir that is full or read-only (507), and
+anything unexpected (500, logged with its traceback).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 
 from fastapi import FastAPI, Request
@@ -20,6 +22,18 @@ from service.protocol import APIError
 from service.scheduler import QueueFullError, UnknownModelError
 
 logger = logging.getLogger(__name__)
+
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+
+def storage_error(err: BaseException) -> APIError | None:
+    """507 for a write the data dir refused (full, over quota, read-only), even wrapped; None for any other error."""
+    while err is not None and not (isinstance(err, OSError) and err.errno in STORAGE_ERRNOS):
+        err = err.__cause__ or err.__context__
+    if err is None:
+        return None
+    return APIError(507, f"the data dir cannot store this adapter: {err.strerror}; nothing was registered",
+                    code="insufficient_storage")
 
 
 def render(error: APIError, headers: dict | None = None) -> JSONResponse:
@@ -66,6 +80,14 @@ async def on_user_error(request: Request, exc: D2LoraError) -> JSONResponse:
     return render(APIError(400, str(exc)))
 
 
+async def on_os_error(request: Request, exc: OSError) -> JSONResponse:
+    failure = storage_error(exc)
+    if failure is None:
+        return await on_unexpected(request, exc)
+    logger.error("%s %s: %s", request.method, request.url.path, failure.message)
+    return render(failure)
+
+
 async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return render(APIError(500, f"internal error: {type(exc).__name__}", code="internal_error"))
@@ -78,4 +100,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(QueueFullError, on_queue_full)
     app.add_exception_handler(UnknownModelError, on_unknown_model)
     app.add_exception_handler(D2LoraError, on_user_error)
+    app.add_exception_handler(OSError, on_os_error)
     app.add_exception_handler(Exception, on_unexpected)

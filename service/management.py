@@ -30,6 +30,7 @@ from service.merging import (
     check_adapter,
     merge_and_verify,
 )
+from service.errors import storage_error
 from service.protocol import APIError
 from service.registry import NAME_PATTERN, AdapterRecord, Registry
 from service.settings import Settings
@@ -72,6 +73,7 @@ class AdapterManager:
         self.base_shapes = _base_shapes(base_dir)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="d2lora-merge")
         self.merging: set[str] = set()
+        self.failure_status: dict[str, int] = {}  # name -> HTTP status of its last failed merge (one at a time)
         self.jobs: set[asyncio.Task] = set()
 
     async def upload(self, request: Request, wait: bool, replace: bool) -> AdapterRecord:
@@ -110,6 +112,7 @@ class AdapterManager:
         record = self.registry.new_version(name, kind=checked.kind, base_model=self.base_name,
                                            adapter_base_model=checked.base_model, warnings=list(checked.warnings))
         self.merging.add(name)
+        self.failure_status.pop(name, None)
         job = asyncio.create_task(self._merge(record, artifact, work_dir, checked))
         self.jobs.add(job)
         job.add_done_callback(self.jobs.discard)
@@ -118,7 +121,9 @@ class AdapterManager:
         done = await asyncio.shield(job)  # a client that gives up does not stop the merge
         if done.status == "failed":
             self.registry.discard(done)
-            raise APIError(422, done.error or "merge failed", param="adapter", code="merge_failed")
+            status = self.failure_status.pop(name, 422)
+            code = "insufficient_storage" if status == 507 else "merge_failed"
+            raise APIError(status, done.error or "merge failed", param="adapter", code=code)
         return done
 
     async def _merge(self, record: AdapterRecord, artifact: Path, work_dir: Path,
@@ -130,14 +135,20 @@ class AdapterManager:
             return await self._ready(record, work_dir / FUSED_FILE, outcome)
         except EquivalenceError as err:
             return self._failed(record, str(err), err.report)
-        except D2LoraError as err:
-            return self._failed(record, str(err))
         except Exception as err:
-            logger.exception("adapter %s v%d: merge crashed", record.name, record.version)
-            return self._failed(record, f"internal error while merging: {err}")
+            return self._merge_error(record, err)
         finally:
             self.merging.discard(record.name)
             shutil.rmtree(work_dir, ignore_errors=True)
+
+    def _merge_error(self, record: AdapterRecord, err: Exception) -> AdapterRecord:
+        """A full or read-only data dir (507), the adapter's fault (422), or a crash (logged)."""
+        if (failure := storage_error(err)) is not None:
+            return self._failed(record, failure.message, status=507)
+        if isinstance(err, D2LoraError):
+            return self._failed(record, str(err))
+        logger.exception("adapter %s v%d: merge crashed", record.name, record.version, exc_info=err)
+        return self._failed(record, f"internal error while merging: {err}")
 
     async def _ready(self, record: AdapterRecord, fused: Path, outcome: MergeOutcome) -> AdapterRecord:
         tensors_file = self.registry.tensors_path(record)
@@ -152,7 +163,9 @@ class AdapterManager:
         metrics.EQUIVALENCE_MAX_ABS_LOGIT_DIFF.labels(model=ready.name).set(outcome.max_abs_logit_diff)
         return ready
 
-    def _failed(self, record: AdapterRecord, error: str, equivalence: dict | None = None) -> AdapterRecord:
+    def _failed(self, record: AdapterRecord, error: str, equivalence: dict | None = None,
+                status: int = 422) -> AdapterRecord:
+        self.failure_status[record.name] = status
         self.registry.tensors_path(record).unlink(missing_ok=True)
         failed = record.model_copy(update={"status": "failed", "error": error, "equivalence": equivalence})
         self.registry.save(failed)

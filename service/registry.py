@@ -105,7 +105,7 @@ def create_exclusive(path: Path, data: bytes) -> bool:
 
 def _lock(path: Path, mode: int) -> int | None:
     """An fd holding flock `mode` on `path` (created if missing), or None if another holder conflicts."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)  # read-only: the data dir can still be remounted ro
     try:
         fcntl.flock(fd, mode | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -145,7 +145,7 @@ class Registry:
         fd = _lock(self.lock_path, fcntl.LOCK_EX)
         alone = fd is not None
         if not alone:
-            fd = os.open(self.lock_path, os.O_RDWR)
+            fd = os.open(self.lock_path, os.O_RDONLY)
             fcntl.flock(fd, fcntl.LOCK_SH)  # waits while a server that started alone recovers
         self.fds.append(fd)
         self._remove_dead_owners()
