@@ -33,14 +33,20 @@ def test_the_admin_token_opens_management(live_server):
     assert httpx.get(f"{live_server.url}/adapters", headers=live_server.admin_headers()).status_code == 200
 
 
-@pytest.mark.parametrize("key", ["", "wrong-key"])
-def test_inference_needs_an_api_key_when_keys_are_configured(live_server, key):
-    client = openai.OpenAI(base_url=f"{live_server.url}/v1", api_key=key, max_retries=0)
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-key"}])
+def test_inference_needs_an_api_key_when_keys_are_configured(live_server, headers):
+    for path in ("/v1/models", "/v1/completions", "/v1/chat/completions"):
+        response = httpx.request("GET" if path == "/v1/models" else "POST", f"{live_server.url}{path}",
+                                 headers=headers, json={"model": live_server.base_name, "prompt": "x"})
+        assert response.status_code == 401, path
+        assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_the_openai_client_with_a_wrong_key_gets_an_authentication_error(live_server):
+    client = openai.OpenAI(base_url=f"{live_server.url}/v1", api_key="wrong-key", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as err:
         client.models.list()
     assert err.value.body["code"] == "invalid_api_key"
-    response = httpx.post(f"{live_server.url}/v1/completions", json={"model": live_server.base_name, "prompt": "x"})
-    assert response.status_code == 401
 
 
 def test_a_valid_api_key_opens_inference(live_server):
