@@ -8,8 +8,10 @@ slot's last running request has finished or been aborted, loads the next
 model's tensors, and only then admits that model's requests.
 
 Policy: a slot keeps its model while that model has work (running or queued),
-up to `time_slice_s` of continuous service, while requests of other models
-wait; then it drains and goes to the model whose request has waited longest.
+up to `time_slice_s` since it was swapped in (or since it last had no rival
+waiting), while requests of other models wait; then it drains and goes to the
+model whose request has waited longest.  Back-to-back requests of one model
+therefore cannot hold a slot past the slice once another model is waiting.
 An idle slot is handed over at once (least recently used first), and a
 request whose model is already resident in a slot goes there with no swap.
 So no model waits much longer than a time slice plus one drain.
@@ -147,6 +149,10 @@ class Scheduler:
         self.models.pop(name, None)
         self._fail_queue(name, UnknownModelError(f"the model {name!r} was removed"))
 
+    @property
+    def alive(self) -> bool:
+        return all(slot.engine.alive for slot in self.slots)
+
     def apply_chat_template(self, messages: list[dict]) -> str:
         return self.slots[0].engine.apply_chat_template(messages)
 
@@ -239,8 +245,8 @@ class Scheduler:
         """
         for model, queue in self.queues.items():
             while queue and self._holds(slot, model) and slot.running < self.settings.max_num_seqs:
-                if slot.running == 0:
-                    slot.busy_since = now
+                if slot.running == 0 and self._oldest_unserved() is None:
+                    slot.busy_since = now  # the slice restarts only while no other model waits
                 ticket = queue.popleft()
                 slot.running += 1
                 ticket.admitted.set_result(slot)
@@ -285,7 +291,7 @@ class Scheduler:
             logger.error("swap to %s failed: %s", model, err)
             self._fail_queue(model, err)
             return
-        slot.model, slot.weights = model, weights
+        slot.model, slot.weights, slot.busy_since = model, weights, time.monotonic()
         metrics.SWAP_SECONDS.labels(model=model).observe(time.perf_counter() - start)
         self._admit(slot, time.monotonic())
 

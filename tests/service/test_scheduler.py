@@ -40,22 +40,24 @@ def test_concurrent_requests_each_get_their_own_models_answer(event_loop_thread,
 
 
 def test_a_steady_stream_does_not_starve_another_model(event_loop_thread, vllm_scheduler):
-    scheduler, stream_seconds = vllm_scheduler, 12 * vllm_scheduler.settings.time_slice_s
+    """Back-to-back batches of "qv" (counted, not timed: the machine's speed does not matter) must not keep "o"
+    waiting until the stream is over: "o" gets the engine once qv's time slice ends."""
+    scheduler = vllm_scheduler
 
-    async def steady_stream(until: float):
-        while time.monotonic() < until:
-            await asyncio.gather(*(complete(scheduler, "qv", PROMPTS[0], max_tokens=8) for _ in range(3)))
+    async def steady_stream(batches: int) -> float:
+        for _ in range(batches):
+            await asyncio.gather(*(complete(scheduler, "qv", PROMPTS[0], max_tokens=6) for _ in range(2)))
+        return time.monotonic()
 
     async def run():
-        until = time.monotonic() + stream_seconds
-        stream = asyncio.create_task(steady_stream(until))
-        await asyncio.sleep(scheduler.settings.time_slice_s)
-        await complete(scheduler, "o", PROMPTS[1], max_tokens=4)
+        await complete(scheduler, "qv", PROMPTS[0], max_tokens=1)  # "qv" resident before the stream starts
+        stream = asyncio.create_task(steady_stream(batches=5))
+        await asyncio.sleep(scheduler.settings.time_slice_s / 2)
+        await complete(scheduler, "o", PROMPTS[1], max_tokens=2)
         other_done = time.monotonic()
-        await stream
-        return until - other_done
+        return await stream - other_done
 
-    assert event_loop_thread.run(run()) > 0  # "o" finished while "qv" still had work queued
+    assert event_loop_thread.run(run()) > 0  # "o" finished while "qv" still had batches to send
 
 
 def test_a_client_that_disconnects_frees_its_slot(event_loop_thread, scheduler):
