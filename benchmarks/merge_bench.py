@@ -187,11 +187,12 @@ def run_method(method: Method, base: Path, adapters: dict[str, Path], out: Path)
     return run_job(method.job, kwargs, preload=method.preload)
 
 
-def measure_all(base: Path, adapters: dict[str, Path], work_dir: Path, rounds: int) -> dict[str, list[Measurement]]:
+def measure_all(methods: list[Method], base: Path, adapters: dict[str, Path], work_dir: Path,
+                rounds: int) -> dict[str, list[Measurement]]:
     """One untimed warm-up per method, then `rounds` interleaved rounds; outputs deleted after each run."""
-    runs: dict[str, list[Measurement]] = {m.key: [] for m in METHODS}
+    runs: dict[str, list[Measurement]] = {m.key: [] for m in methods}
     for round_index in range(rounds + 1):
-        for method in METHODS:
+        for method in methods:
             out = work_dir / f"out-{method.key}"
             measurement = run_method(method, base, adapters, out)
             if round_index > 0:
@@ -203,8 +204,10 @@ def measure_all(base: Path, adapters: dict[str, Path], work_dir: Path, rounds: i
     return runs
 
 
-def compare_checkpoints(dir_a: Path, dir_b: Path) -> dict:
-    """Max |a − b| over every tensor of two checkpoints, and how many tensors are bit-identical."""
+def compare_checkpoints(dir_a: Path, dir_b: Path) -> dict | None:
+    """Max |a − b| over every tensor of two checkpoints, and how many are bit-identical (None if one is missing)."""
+    if not (dir_a.is_dir() and dir_b.is_dir()):
+        return None
     a, b = CheckpointReader(dir_a), CheckpointReader(dir_b)
     if set(a.tensors) != set(b.tensors):
         raise ValueError(f"tensor names differ: {sorted(set(a.tensors) ^ set(b.tensors))[:5]}")
@@ -223,7 +226,7 @@ def compare_checkpoints(dir_a: Path, dir_b: Path) -> dict:
 def table_rows(medians: dict[str, Measurement], checkpoint_bytes: int) -> list[list[str]]:
     floor = medians["copy"].seconds
     rows = []
-    for method in METHODS:
+    for method in (m for m in METHODS if m.key in medians):
         m = medians[method.key]
         ratio, share = m.seconds / floor, m.peak_rss_bytes / checkpoint_bytes
         rows.append([method.label, f"{m.seconds:.2f}", f"{ratio:.2f}", f"{m.peak_rss_bytes / MIB:.0f}",
@@ -234,13 +237,20 @@ def table_rows(medians: dict[str, Measurement], checkpoint_bytes: int) -> list[l
 def verdicts(medians: dict[str, Measurement], checkpoint_bytes: int) -> list[str]:
     floor = medians["copy"].seconds
     lines = []
-    for method in (m for m in METHODS if m.is_ours):
+    for method in (m for m in METHODS if m.is_ours and m.key in medians):
         m = medians[method.key]
         time_ok = m.seconds / floor <= TIME_TARGET
         rss_ok = m.peak_rss_bytes / checkpoint_bytes <= RSS_TARGET
         lines.append(f"- {method.key}: time ≤ {TIME_TARGET}× copy {'met' if time_ok else 'MISSED'}, "
                      f"peak RSS ≤ {RSS_TARGET:.0%} of checkpoint {'met' if rss_ok else 'MISSED'}")
     return lines
+
+
+def comparison_line(comparison: dict | None) -> str:
+    if comparison is None:
+        return "DoRA output, ours vs PEFT: not compared (both methods must run)."
+    return (f"DoRA output, ours vs PEFT: max abs diff {comparison['max_abs_diff']:.3g} over "
+            f"{comparison['tensors']} tensors ({comparison['identical']} bit-identical).")
 
 
 def render(medians: dict[str, Measurement], base: Path, shape: BaseShape, rounds: int, loads: list[str],
@@ -256,15 +266,15 @@ def render(medians: dict[str, Measurement], base: Path, shape: BaseShape, rounds
         f"({checkpoint_bytes / MIB:.0f} MiB) in {shards} shards. Each method ran in a fresh subprocess "
         f"reporting its own peak RSS (VmHWM, read at exit); one untimed warm-up each (page cache warm for all), then medians of "
         f"{rounds} interleaved rounds. Wall time is the job alone (library imports excluded); peak RSS is the "
-        f"whole process, imports included (last column).",
+        f"whole process, imports included (last column). Our merge fsyncs every shard before its atomic rename; "
+        f"the plain copy and PEFT do not (their dirty pages are flushed, untimed, before the next job).",
         "",
         markdown_table(headers, table_rows(medians, checkpoint_bytes)),
         "",
         f"Targets (ours): merge time ≤ {TIME_TARGET}× the plain copy, peak RSS ≤ {RSS_TARGET:.0%} of the checkpoint.",
         *verdicts(medians, checkpoint_bytes),
         "",
-        f"DoRA output, ours vs PEFT: max abs diff {comparison['max_abs_diff']:.3g} over "
-        f"{comparison['tensors']} tensors ({comparison['identical']} bit-identical).",
+        comparison_line(comparison),
         "",
         f"Machine: 2 shared CPU cores, taken under load from other work ({loads[0]} at start, {loads[1]} at end); "
         f"{datetime.date.today().isoformat()}.",
@@ -280,6 +290,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, default=BaseShape.hidden, help="hidden size of the synthetic base")
     parser.add_argument("--intermediate", type=int, default=BaseShape.intermediate, help="MLP size")
     parser.add_argument("--vocab", type=int, default=BaseShape.vocab, help="vocabulary size")
+    parser.add_argument("--methods", default=",".join(m.key for m in METHODS),
+                        help="comma-separated subset of: " + ", ".join(m.key for m in METHODS) + " (copy is required)")
     parser.add_argument("--r", type=int, default=16, help="adapter rank")
     parser.add_argument("--work-dir", type=Path, default=WORK_DIR, help="where the base and outputs go")
     parser.add_argument("--results", type=Path, default=RESULTS_PATH, help="markdown file for the table")
@@ -287,6 +299,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds: must be at least 1, got {args.rounds}")
+    known = {m.key: m for m in METHODS}
+    chosen = [key.strip() for key in args.methods.split(",") if key.strip()]
+    unknown = [key for key in chosen if key not in known]
+    if unknown or "copy" not in chosen:
+        parser.error(f"--methods: {', '.join(unknown) or 'copy is missing'} (choose from {', '.join(known)})")
+    args.methods = [known[key] for key in chosen]
     return args
 
 
@@ -299,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     base = build_base(args.work_dir / f"base-{shape.tag}", shape)
     adapters = write_adapters(args.work_dir, base, args.r)
     loads = [machine_load()]
-    runs = measure_all(base, adapters, args.work_dir, args.rounds)
+    runs = measure_all(args.methods, base, adapters, args.work_dir, args.rounds)
     loads.append(machine_load())
     outputs = [args.work_dir / f"out-{key}" for key in COMPARED]
     comparison = compare_checkpoints(*outputs)
