@@ -47,6 +47,9 @@ from merger.unmerged import load_unmerged, model_shapes, module_path
 from merger.verify import mean_kl
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# On 2 cores shared with other work, torch's OpenMP threads spin-wait on each other: one forward of the
+# demo model took 7x longer with 2 threads than with 1 (load average ~15).  1 is the default here.
+THREADS_HELP = "torch intra-op threads (1 on a shared, oversubscribed machine)"
 REFERENCE = "unmerged-fp32"
 
 
@@ -200,7 +203,8 @@ def run(args: argparse.Namespace) -> dict:
     base_dir = build_demo_model(cache_dir)
     adapters = build_demo_adapters(cache_dir, base_dir)
     tokenizer = load_tokenizer(base_dir)
-    record = {"machine": machine_info(), "command": args.command, "items_per_task": args.items, "tasks": {}}
+    record = {"machine": machine_info(), "command": args.command, "items_per_task": args.items,
+              "torch_threads": torch.get_num_threads(), "tasks": {}}
     start = time.perf_counter()
     for task in args.tasks:
         items = task_items(tokenizer, task, args.items)
@@ -228,9 +232,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--items", type=int, default=128, help="held-out items per task")
     parser.add_argument("--batch-size", type=int, default=8, help="items scored per forward pass")
     parser.add_argument("--tasks", default=",".join(DEMO_TASKS), help="comma-separated demo tasks")
+    parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "fidelity.json", help="where the result goes")
     args = parser.parse_args(argv)
-    for name in ("items", "batch_size"):
+    for name in ("items", "batch_size", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -243,7 +248,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     write_atomic(args.json, json.dumps(run(args), indent=2) + "\n")
     print(f"wrote {args.json}")
 
