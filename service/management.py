@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 FILE_FIELDS = frozenset({"config", "weights", "archive"})
 TEXT_FIELDS = frozenset({"name"})
 ARTIFACT_DIR = "artifact"
+ARCHIVE_EXPANSION = 4  # safetensors weights barely compress: a bigger ratio is a decompression bomb
 
 
 def check_name(name: str | None) -> str:
@@ -69,7 +70,8 @@ class AdapterManager:
     def __init__(self, settings: Settings, base_dir: Path, base_name: str, registry: Registry, scheduler):
         self.settings, self.base_dir, self.base_name = settings, base_dir, base_name
         self.registry, self.scheduler = registry, scheduler
-        self.limits = ArchiveLimits(max_member_bytes=settings.max_upload_bytes * 4)
+        unpacked = settings.max_upload_bytes * ARCHIVE_EXPANSION  # what an archive may unpack to, all members
+        self.limits = ArchiveLimits(max_member_bytes=unpacked, max_total_bytes=unpacked)
         self.base_shapes = _base_shapes(base_dir)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="d2lora-merge")
         self.merging: set[str] = set()
