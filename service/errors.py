@@ -46,9 +46,12 @@ def _param(location: tuple) -> str | None:
     return ".".join(parts) or None
 
 
+ERROR_HEADERS = {401: {"WWW-Authenticate": "Bearer"},
+                 413: {"Connection": "close"}}  # else the server reads (and drops) the rest of an oversize body
+
+
 async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-    return render(exc, headers)
+    return render(exc, ERROR_HEADERS.get(exc.status))
 
 
 async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
