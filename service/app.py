@@ -8,8 +8,11 @@ reverse.  Handlers live in `app.state`: `inference`, `adapters`, `auth`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -31,6 +34,8 @@ from service.settings import Settings
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 16
+ENGINE_WATCH_S = 1.0
+EXIT_ENGINE_DEAD = 3
 
 
 class ServeError(D2LoraError):
@@ -64,6 +69,15 @@ async def start_scheduler(settings: Settings, base_dir: Path, registry: Registry
     return scheduler
 
 
+async def watch_engines(app: FastAPI, scheduler: Scheduler) -> None:
+    """An engine that dies is never a silent hang: /ready turns 503, then the process stops and exits non-zero."""
+    while scheduler.alive:
+        await asyncio.sleep(ENGINE_WATCH_S)
+    logger.error("the engine died; stopping so that a supervisor restarts the server")
+    app.state.ready, app.state.engine_dead = False, True
+    app.state.shutdown()
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
@@ -77,10 +91,12 @@ async def lifespan(app: FastAPI):
     app.state.adapters = AdapterManager(settings, base_dir, base_name, registry, scheduler)
     app.state.inference = InferenceHandler(scheduler, registry, base_name, DEFAULT_MAX_TOKENS)
     app.state.ready = True
+    watchdog = asyncio.create_task(watch_engines(app, scheduler), name="d2lora-engine-watch")
     logger.info("serving %s and %d adapters", base_name, len(registry.all_serving()))
     try:
         yield
     finally:
+        watchdog.cancel()
         app.state.ready = False
         await app.state.adapters.close()
         await scheduler.stop()
@@ -126,6 +142,8 @@ def create_app(settings: Settings) -> FastAPI:
                   lifespan=lifespan)
     app.state.settings = settings
     app.state.ready = False
+    app.state.engine_dead = False
+    app.state.shutdown = lambda: os.kill(os.getpid(), signal.SIGTERM)  # `d2lora serve` stops its uvicorn instead
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)

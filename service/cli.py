@@ -22,15 +22,18 @@ def settings_from(args: argparse.Namespace) -> Settings:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from service.app import base_model_dir, check_engine, create_app
+    from service.app import EXIT_ENGINE_DEAD, base_model_dir, check_engine, create_app
 
     settings = settings_from(args)
     base_model_dir(settings)  # a bad --base or --engine is one line and exit 2, before anything starts
     check_engine(settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
-                timeout_graceful_shutdown=10)
-    return 0
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                                           timeout_graceful_shutdown=10))
+    app.state.shutdown = lambda: setattr(server, "should_exit", True)
+    server.run()
+    return EXIT_ENGINE_DEAD if app.state.engine_dead else 0
 
 
 def add_parser(subparsers) -> None:

@@ -92,6 +92,12 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     async def stop(self) -> None: ...
 
+    @property
+    def alive(self) -> bool:
+        """False once the engine can serve no more (e.g. its worker process died); in-process engines live
+        as long as the server does."""
+        return True
+
 
 ENGINES: dict[str, type[Engine]] = {}
 

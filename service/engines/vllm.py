@@ -104,5 +104,9 @@ class VllmEngine(Engine):
     def apply_chat_template(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages)
 
+    @property
+    def alive(self) -> bool:
+        return not self.llm.errored  # vLLM's monitor sets this when the engine-core process dies
+
     async def stop(self) -> None:
         self.llm.shutdown()
