@@ -57,7 +57,7 @@ def throughput_figure(record: dict, path: Path) -> Path:
         ax.set_ylabel(unit)
         ax.legend(fontsize=8)
     fig.suptitle(f"Evaluation throughput, demo model {record['dtype']}, adapter {record['task']} "
-                 f"(median of {record['rounds']} interleaved rounds)")
+                 f"(median over {record['rounds']} round(s), paths interleaved)")
     return save(fig, path, record)
 
 

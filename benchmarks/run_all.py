@@ -44,10 +44,10 @@ class Step:
 
 
 STEPS = (
-    Step("fidelity", ("--items", "24", "--batch-size", "8"), 1800),
-    Step("throughput", ("--dtype", "bfloat16", "--rounds", "1", "--items-b1", "4", "--items-b16", "16",
-                        "--new-tokens", "8", "--swaps", "10"), 1800),
-    Step("merge_sizes", ("--rounds", "1", "--sizes", "small,medium"), 1200),
+    Step("fidelity", ("--items", "64", "--batch-size", "8"), 1800),
+    Step("throughput", ("--dtype", "bfloat16", "--rounds", "2", "--items-b1", "8", "--items-b16", "32",
+                        "--new-tokens", "16", "--swaps", "20"), 1800),
+    Step("merge_sizes", ("--rounds", "2"), 1200),
 )
 FIGURES = {  # figure file -> (step whose JSON it draws, drawing function)
     "throughput.png": ("throughput", plots.throughput_figure),
