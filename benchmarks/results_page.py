@@ -172,10 +172,14 @@ def reading_notes(results: dict) -> list[str]:
             "forward. On a 135M model (hidden 576) each of these is a tiny op whose cost is mostly dispatch, so "
             "the overhead is a larger share of a forward than for the paper's larger models; with one torch thread "
             "on an oversubscribed host the ratios also swing between rounds. Compare ratios within one run only.",
-            "- **vLLM here is CPU-starved, not slow by design.** Its engine was pinned to one core "
-            f"(`VLLM_CPU_OMP_THREADS_BIND={results['throughput'].get('vllm_threads_bind', '?')}`) that other work "
-            "also used; on a quiet machine of this kind vLLM-cpu decoded 1.3–2× faster than transformers "
-            "(/work/shared/ANCHORS.md). Its answers differed from the merged transformers model's on "
+            "- **The vLLM numbers of this run are not representative.** The engine was pinned to one core "
+            f"(`VLLM_CPU_OMP_THREADS_BIND={results['throughput'].get('vllm_threads_bind', '?')}`, to match the one "
+            "torch thread of the transformers paths) on a host shared with other work, and its swaps took "
+            f"~{1e3 * percentile(results['throughput']['swap_s'], 0.5):.0f} ms against 47–62 ms measured for the "
+            "same kind of swap on a quiet machine of this kind, where vLLM-cpu also decoded 1.3–2× faster than "
+            "transformers (/work/shared/ANCHORS.md). The cause was not isolated here (the pinned core is shared by "
+            "the engine's OpenMP thread, its scheduler loop and other processes). Its answers differed from the "
+            "merged transformers model's on "
             f"{results['throughput']['answer_flips_vs_merged_hf']['merged-vllm']} of "
             f"{results['throughput']['workload']['16'][0]} items.",
         ]
