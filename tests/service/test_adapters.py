@@ -10,14 +10,14 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
+from safetensors.torch import load_file, save
 
 from merger.archive import CONFIG_NAME, WEIGHTS_NAME
 from merger.checkpoint import read_header
-from tests.adapters import write_random_adapter
 from tests.service.conftest import MAX_TOKENS, PROMPTS, UPLOAD_CAP_BYTES
 from tests.service.live import API_KEY
 from tests.service.uploading import adapter_records, post_adapter, upload_files, wait_for_status
-from tests.tiny import make_tiny_checkpoint
 
 
 def test_upload_answers_the_ready_record(uploaded, live_server):
@@ -58,6 +58,14 @@ def pickle_archive(src, tmp_path):
     return path
 
 
+def one_factor_too_wide(weights_file: Path) -> bytes:
+    """The artifact's weights with one lora_A one column wider than its base layer."""
+    tensors = load_file(weights_file)
+    key = next(k for k in sorted(tensors) if k.endswith("lora_A.weight"))
+    tensors[key] = torch.cat([tensors[key], tensors[key][:, :1]], dim=1)  # (r, in + 1)
+    return save(tensors)
+
+
 def bad_upload(kind: str, artifacts, tmp_path):
     """(form fields, files) of one kind of bad upload."""
     qv = artifacts["qv"]
@@ -74,8 +82,7 @@ def bad_upload(kind: str, artifacts, tmp_path):
         other = rewritten_config(qv, tmp_path / "other", base_model_name_or_path="meta-llama/Llama-3.1-8B")
         return {"name": "x1"}, {"config": (other / CONFIG_NAME).read_bytes(), "weights": weights}
     if kind == "wrong-shapes":
-        tiny = write_random_adapter(tmp_path / "tiny-adapter", make_tiny_checkpoint(tmp_path / "tiny"))
-        return {"name": "x1"}, {"config": config, "weights": (tiny / WEIGHTS_NAME).read_bytes()}
+        return {"name": "x1"}, {"config": config, "weights": one_factor_too_wide(qv / WEIGHTS_NAME)}
     if kind == "pickle":
         return {"name": "x1"}, {"archive": pickle_archive(qv, tmp_path).read_bytes()}
     if kind == "too-large":
@@ -93,7 +100,7 @@ def bad_upload(kind: str, artifacts, tmp_path):
     ("pickle", 422, "pickle"),
     ("too-large", 413, "limit"),
 ])
-def test_bad_uploads_are_refused_and_change_nothing(live_server, uploaded, artifacts, tmp_path, kind, status, words):
+def test_bad_uploads_are_refused_and_change_nothing(live_server, artifacts, tmp_path, kind, status, words):
     before = adapter_records(live_server)
     response = post_adapter(live_server, *bad_upload(kind, artifacts, tmp_path))
     assert response.status_code == status, response.text
@@ -108,7 +115,7 @@ def no_upload_files_left(data_dir: Path) -> bool:
     return all(not any(folder.iterdir()) for folder in (data_dir / "tmp").iterdir() if folder.is_dir())
 
 
-def test_a_body_that_is_not_multipart_is_415(live_server, uploaded):
+def test_a_body_that_is_not_multipart_is_415(live_server):
     response = httpx.post(f"{live_server.url}/adapters", json={"name": "x"}, headers=live_server.admin_headers())
     assert response.status_code == 415 and response.json()["error"]["code"] == "unsupported_media_type"
 
