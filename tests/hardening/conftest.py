@@ -78,3 +78,4 @@ def main_server(start_server, tiny_artifacts) -> Server:
         response = upload_files(server, name, artifact)
         assert response.status_code == 201, response.text
     return server
+
