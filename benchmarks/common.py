@@ -19,6 +19,7 @@ is the child side; benchmarks call `run_job` and never this directly.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib
 import json
@@ -138,3 +139,25 @@ if __name__ == "__main__":
     if len(sys.argv) < 4:
         sys.exit("usage: python -m benchmarks.common MODULE:FUNCTION KWARGS_JSON RESULT_PATH [PRELOAD ...]")
     _child(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:])
+
+
+def require_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, names: Sequence[str]) -> None:
+    """parser.error for the first integer option below 1, named as its flag."""
+    for name in names:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
+
+
+def pick(parser: argparse.ArgumentParser, flag: str, text: str, known: Iterable[str]) -> list[str]:
+    """A comma list whose every item is one of `known`; parser.error otherwise."""
+    known = list(known)
+    picked = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [item for item in picked if item not in known]
+    if unknown or not picked:
+        parser.error(f"{flag}: {', '.join(unknown) or 'none given'} (choose from {', '.join(known)})")
+    return picked
+
+
+def command_line(module: str, argv: Sequence[str] | None) -> str:
+    """How this benchmark was invoked, for the results page."""
+    return f"python -m {module} " + " ".join(sys.argv[1:] if argv is None else argv)

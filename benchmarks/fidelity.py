@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,9 +36,15 @@ from typing import Callable
 import torch
 from torch import nn
 
-from benchmarks.common import write_atomic
+from benchmarks.common import command_line, pick, require_positive, write_atomic
 from benchmarks.machine import machine_info
-from benchmarks.scoring import EncodedItem, chunks, encode_item, pad_token_id, score_batch
+from benchmarks.scoring import (
+    EncodedItem,
+    chunks,
+    encode_item,
+    pad_token_id,
+    score_batch,
+)
 from merger.artifact import Adapter
 from merger.kinds import ModuleAdapter
 from merger.merge import merge
@@ -235,14 +240,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "fidelity.json", help="where the result goes")
     args = parser.parse_args(argv)
-    for name in ("items", "batch_size", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
-    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in args.tasks if t not in DEMO_TASKS]
-    if unknown or not args.tasks:
-        parser.error(f"--tasks: {', '.join(unknown) or 'none given'} (choose from {', '.join(DEMO_TASKS)})")
-    args.command = "python -m benchmarks.fidelity " + " ".join(sys.argv[1:] if argv is None else argv)
+    require_positive(parser, args, ("items", "batch_size", "threads"))
+    args.tasks = pick(parser, "--tasks", args.tasks, DEMO_TASKS)
+    args.command = command_line("benchmarks.fidelity", argv)
     return args
 
 

@@ -15,12 +15,26 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
-from benchmarks.common import dir_bytes, flush_writes, median_measurement, run_job, write_atomic
+from benchmarks.common import (
+    command_line,
+    dir_bytes,
+    flush_writes,
+    median_measurement,
+    pick,
+    require_positive,
+    run_job,
+    write_atomic,
+)
 from benchmarks.machine import machine_info
-from benchmarks.merge_bench import JOB_MODULE, WORK_DIR, BaseShape, build_base, write_adapters
+from benchmarks.merge_bench import (
+    JOB_MODULE,
+    WORK_DIR,
+    BaseShape,
+    build_base,
+    write_adapters,
+)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SHAPES = {  # fp32 checkpoint sizes: ~85 MB, ~440 MB, ~1.3 GB
@@ -65,13 +79,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--drop-bases", action="store_true", help="delete the synthetic bases and adapters at the end")
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "merge_sizes.json", help="where the result goes")
     args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error(f"--rounds: must be at least 1, got {args.rounds}")
-    args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
-    unknown = [s for s in args.sizes if s not in SHAPES]
-    if unknown or not args.sizes:
-        parser.error(f"--sizes: {', '.join(unknown) or 'none given'} (choose from {', '.join(SHAPES)})")
-    args.command = "python -m benchmarks.merge_sizes " + " ".join(sys.argv[1:] if argv is None else argv)
+    require_positive(parser, args, ("rounds",))
+    args.sizes = pick(parser, "--sizes", args.sizes, SHAPES)
+    args.command = command_line("benchmarks.merge_sizes", argv)
     return args
 
 

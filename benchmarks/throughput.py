@@ -28,14 +28,13 @@ import asyncio
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import write_atomic
+from benchmarks.common import command_line, require_positive, write_atomic
 from benchmarks.fidelity import THREADS_HELP, load_checkpoint
 from benchmarks.machine import machine_info
 from benchmarks.runners import HfRunner, Runner, VllmRunner
@@ -215,10 +214,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help=THREADS_HELP + "; vLLM's OpenMP threads too")
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "throughput.json", help="where the result goes")
     args = parser.parse_args(argv)
-    for name in ("rounds", "new_tokens", "items_b1", "items_b16", "prompts_b1", "swaps", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
-    args.command = "python -m benchmarks.throughput " + " ".join(sys.argv[1:] if argv is None else argv)
+    require_positive(parser, args, ("rounds", "new_tokens", "items_b1", "items_b16", "prompts_b1", "swaps", "threads"))
+    args.command = command_line("benchmarks.throughput", argv)
     return args
 
 
