@@ -44,6 +44,20 @@ def low_rank_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Te
     return (b.to(COMPUTE_DTYPE) @ a.to(COMPUTE_DTYPE)).mul_(scaling)
 
 
+def d2lora_factors(
+    a_pos: torch.Tensor,
+    b_pos: torch.Tensor,
+    a_neg: torch.Tensor,
+    b_neg: torch.Tensor,
+    tau: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two signed branches as one rank-2r pair: ΔW = s · B A with A = [A₊; A₋], B = [B₊, −τB₋].
+
+    a_*: (r, in), b_*: (out, r) -> A (2r, in), B (out, 2r), in the factors' dtype (autograd flows through).
+    """
+    return torch.cat([a_pos, a_neg], dim=0), torch.cat([b_pos, -tau * b_neg], dim=1)
+
+
 def d2lora_delta(
     a_pos: torch.Tensor,
     b_pos: torch.Tensor,
@@ -54,12 +68,11 @@ def d2lora_delta(
 ) -> torch.Tensor:
     """ΔW = s · (B₊A₊ − τ·B₋A₋) in fp32.  a_*: (r, in), b_*: (out, r) -> (out, in).
 
-    Written as one matmul of the concatenated factors, [B₊, −τB₋] @ [A₊; A₋],
-    so the sum is accumulated once in fp32 rather than as two rounded products.
+    One matmul of the concatenated factors (d2lora_factors), so the sum is
+    accumulated once in fp32 rather than as two rounded products.
     """
-    b = torch.cat([b_pos.to(COMPUTE_DTYPE), -tau * b_neg.to(COMPUTE_DTYPE)], dim=1)  # (out, 2r)
-    a = torch.cat([a_pos.to(COMPUTE_DTYPE), a_neg.to(COMPUTE_DTYPE)], dim=0)  # (2r, in)
-    return (b @ a).mul_(scaling)
+    a, b = d2lora_factors(*(t.to(COMPUTE_DTYPE) for t in (a_pos, b_pos, a_neg, b_neg)), tau)
+    return low_rank_delta(a, b, scaling)
 
 
 def row_blocks(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -76,6 +89,25 @@ def adapted_row_norm(w0: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """n′ = ‖W0 + ΔW‖_row in float64, a block of rows at a time, never forming W′.  (out, in) -> (out, 1)."""
     blocks = zip(row_blocks(w0), row_blocks(delta))
     return torch.cat([row_norm(w.to(COMPUTE_DTYPE) + d) for w, d in blocks])
+
+
+def low_rank_adapted_row_norm(
+    w0: torch.Tensor, w0_norm: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """n′ = ‖W0 + s·B A‖_row without forming any (out, in) tensor.  -> (out, 1) float64
+
+    ‖W0 + ΔW‖² = ‖W0‖² + 2⟨W0, ΔW⟩ + ‖ΔW‖² row by row, where ⟨W0, ΔW⟩ = s·Σ_k B ⊙ (W0 Aᵀ) and
+    ‖ΔW‖² = s²·Σ_k (B G) ⊙ B with G = A Aᵀ.  One (out, in) @ (in, k) product reads W0 once; the rest
+    is (out, k) work in float64.  For the training layer, whose weights change every step: adapted_row_norm
+    (which merging uses) would write and reread a float64 (out, in) tensor per step.  The expansion loses
+    precision only when n′ ≪ n0, i.e. when ΔW nearly cancels a row of W0.
+    w0: (out, in); w0_norm: (out, 1) = row_norm(w0); a: (k, in); b: (out, k).
+    """
+    projected = (w0 @ a.to(w0.dtype).T).to(NORM_DTYPE)  # (out, k): W0 Aᵀ
+    a64, b64 = a.to(NORM_DTYPE), b.to(NORM_DTYPE) * scaling  # (k, in), (out, k)
+    cross = (b64 * projected).sum(dim=1, keepdim=True)  # (out, 1): ⟨W0, ΔW⟩
+    delta_sq = ((b64 @ (a64 @ a64.T)) * b64).sum(dim=1, keepdim=True)  # (out, 1): ‖ΔW‖²
+    return (w0_norm.to(NORM_DTYPE).square() + 2 * cross + delta_sq).clamp_min(0).sqrt()
 
 
 def norm_ratio(target_norm: torch.Tensor, adapted_norm: torch.Tensor) -> torch.Tensor:

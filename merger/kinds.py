@@ -129,11 +129,15 @@ class D2LoraKind(AdapterKind):
             module.scaling, module.tau,
         )
 
-    def delta_forward(self, x, module):
+    def stacked_factors(self, module: ModuleAdapter) -> tuple[torch.Tensor, torch.Tensor]:
+        """A = [A₊; A₋] (2r, in), B = [B₊, −τB₋] (out, 2r), so ΔW = scaling · B A (formula.d2lora_factors)."""
         f = module.factors
-        positive = _low_rank_forward(x, f["lora_A.weight"], f["lora_B.weight"])  # (..., out)
-        negative = _low_rank_forward(x, f["lora_A_neg.weight"], f["lora_B_neg.weight"])  # (..., out)
-        return module.scaling * (positive - module.tau * negative)
+        return formula.d2lora_factors(f["lora_A.weight"], f["lora_B.weight"],
+                                      f["lora_A_neg.weight"], f["lora_B_neg.weight"], module.tau)
+
+    def delta_forward(self, x, module):
+        a, b = self.stacked_factors(module)  # (2r, in), (out, 2r)
+        return _low_rank_forward(x, a, module.scaling * b)  # one rank-2r branch; scaling on the small factor
 
     def row_scale(self, w0, delta, module):
         return formula.d2lora_row_scale(w0, delta)

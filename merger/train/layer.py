@@ -11,6 +11,9 @@ The forward is the unmerged one of SPEC §1, computed without forming Ŵ:
   is a detached (out, 1) constant for the backward pass, so no (out, in) graph
   stays alive between forward and backward.  Its value is exact, so the layer
   equals the merged weight up to rounding; only the gradient ignores ∂n′/∂ΔW.
+  It comes from W0 Aᵀ and A Aᵀ (formula.low_rank_adapted_row_norm), never from
+  a dense W0 + ΔW: one read of W0 per step instead of writing and rereading an
+  (out, in) tensor, which is where DoRA spends its extra time.
 
 All maths comes from merger.formula / merger.kinds; this file only wires it.
 
@@ -92,9 +95,10 @@ class D2LoraLayer(nn.Module):
 
     @torch.no_grad()
     def row_scale(self, module: ModuleAdapter) -> torch.Tensor:
-        """s = n0 / ‖W0 + ΔW‖_row, detached.  -> (out, 1) fp32"""
-        adapted = self.base_weight().to(formula.COMPUTE_DTYPE) + KIND.delta(module)  # W′ (out, in)
-        return formula.directional_scale(self.base_norm, adapted)
+        """s = n0 / ‖W0 + ΔW‖_row, detached, from the factors: no (out, in) tensor per step.  -> (out, 1) fp32"""
+        a, b = KIND.stacked_factors(module)  # (2r, in), (out, 2r)
+        adapted_norm = formula.low_rank_adapted_row_norm(self.base_weight(), self.base_norm, a, b, module.scaling)
+        return formula.norm_ratio(self.base_norm, adapted_norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         module = self.module_adapter()

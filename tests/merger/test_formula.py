@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from merger import formula
 from merger.artifact import Adapter
 from merger.checkpoint import CheckpointReader
 from merger.formula import FusionError, lora_scaling
@@ -75,6 +76,18 @@ def test_d2lora_matches_the_reference_for_any_shape(out, inp, r, seed, tau, scal
     factors = random_factors("D2LORA", out, inp, r, seed)
     expected = reference_fuse(w0, factors, "D2LORA", scaling, tau)
     torch.testing.assert_close(fuse("D2LORA", w0, factors, scaling, tau).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(out=st.integers(1, 12), inp=st.integers(1, 12), k=st.integers(1, 8), seed=st.integers(0, 2**16),
+       scaling=st.floats(0.1, 4))
+def test_the_training_layers_row_norm_equals_the_dense_one(out, inp, k, seed, scaling):
+    """n′ from W0 Aᵀ and A Aᵀ (what the trainer uses every step) equals ‖W0 + s·B A‖_row formed densely."""
+    g = torch.Generator().manual_seed(seed)
+    w0, a, b = torch.randn(out, inp, generator=g) + 0.1, torch.randn(k, inp, generator=g), torch.randn(out, k, generator=g)
+    dense = formula.adapted_row_norm(w0, formula.low_rank_delta(a, b, scaling))
+    low_rank = formula.low_rank_adapted_row_norm(w0, formula.row_norm(w0), a, b, scaling)
+    torch.testing.assert_close(low_rank, dense, rtol=1e-5, atol=1e-5)
 
 
 def test_rslora_scaling_value():
