@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import mmap
 import os
 import struct
 from collections.abc import Iterable
@@ -102,6 +103,26 @@ def _stored_tensors(path: Path) -> list[StoredTensor]:
     size = path.stat().st_size
     tensors = [_stored_tensor(path, name, info, data_start, size) for name, info in header.items()]
     return sorted(tensors, key=lambda t: t.offset)
+
+
+def mapped_tensors(path: Path, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Zero-copy views of the named tensors of one safetensors file, through a private memory map.
+
+    Nothing is read until a view is touched, and then straight from the page cache, so copying
+    a view into an existing tensor costs one copy.  The views keep the mapping alive.
+    """
+    stored = {t.spec.name: t for t in _stored_tensors(Path(path))}
+    with open(path, "rb") as handle:
+        mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)  # writable view, never written back
+    return {name: _view(mapping, stored[name]) for name in names}
+
+
+def _view(mapping: mmap.mmap, tensor: StoredTensor) -> torch.Tensor:
+    dtype = DTYPES[tensor.spec.dtype]
+    count = math.prod(tensor.spec.shape)
+    if count == 0:
+        return torch.empty(tensor.spec.shape, dtype=dtype)
+    return torch.frombuffer(mapping, dtype=dtype, count=count, offset=tensor.offset).view(tensor.spec.shape)
 
 
 def _index_shards(index: Path) -> list[str]:

@@ -1,24 +1,49 @@
 """The vLLM worker extension that swaps weights (loaded into each worker by qualname).
 
 The worker opens the safetensors files itself: only paths and tensor names
-cross the process boundary, never tensor data.  `reload_weights` runs the
-model's own `load_weights` (stacking q/k/v into qkv_proj, casting, and the
-CPU repacking of Linear weights), so a packed module must receive all of its
-parts in one call; `VllmEngine` makes sure it does.
+cross the process boundary, never tensor data.  Two ways to put the tensors in:
+
+- `PackedCpuWeights` (vLLM on CPU, unquantized): vLLM keeps such a Linear's
+  weight only inside a packed GEMM handle and empties the Parameter, so a swap
+  must repack.  Each module gets a persistent (out, in) staging tensor, filled
+  straight from the mapped file (one copy from the page cache, no fresh
+  allocation to page-fault in) and handed to the layer's own
+  `process_weights_after_loading`, which packs it.
+- otherwise (GPU, quantized layers) vLLM's layerwise reload: the model's own
+  `load_weights` on just the layers touched, re-initialised and re-processed.
+
+Either way a packed module (qkv_proj) must receive all of its parts (q, k, v)
+in one call; `VllmEngine` makes sure it does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from collections import defaultdict
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from vllm.config import set_current_vllm_config
+from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 from vllm.model_executor.model_loader.reload.layerwise import (
     finalize_layerwise_reload,
     initialize_layerwise_reload,
 )
+
+from merger.checkpoint import mapped_tensors
+
+Files = list[tuple[str, list[str]]]  # (safetensors path, tensor names in it)
+
+
+@dataclasses.dataclass(frozen=True)
+class Destination:
+    """Where a checkpoint tensor goes: a vLLM module and its part in it (q_proj -> qkv_proj, part 0)."""
+
+    module: str
+    part: int
 
 
 class SwapWorkerExtension:
@@ -29,35 +54,96 @@ class SwapWorkerExtension:
         model = self.model_runner.get_model()
         return {packed: list(parts) for packed, parts in getattr(model, "packed_modules_mapping", {}).items()}
 
-    def d2lora_load(self, files: list[tuple[str, list[str]]]) -> int:
-        """Reload the named tensors of each (safetensors path, names); returns how many were loaded.
-
-        Only the layers those tensors feed are re-initialised and re-processed
-        (vLLM's own `reload_weights` does that for every layer of the model).
-        """
+    def d2lora_load(self, files: Files) -> int:
+        """Load the named tensors of each (safetensors path, names); returns how many were loaded."""
         model = self.model_runner.get_model()
-        layers = _target_layers(model, [name for _, names in files for name in names])
+        destinations = _destinations(model, [name for _, names in files for name in names])
+        modules = {path: model.get_submodule(path) for path in sorted({d.module for d in destinations.values()})}
+        if all(PackedCpuWeights.handles(module) for module in modules.values()):
+            self._packed_cpu_weights().load(modules, destinations, files)
+        else:
+            self._layerwise_reload(model, list(modules.values()), files)
+        return len(destinations)
+
+    def _packed_cpu_weights(self) -> PackedCpuWeights:
+        if not hasattr(self, "_d2lora_packed"):
+            self._d2lora_packed = PackedCpuWeights()
+        return self._d2lora_packed
+
+    def _layerwise_reload(self, model: torch.nn.Module, layers: list[torch.nn.Module], files: Files) -> None:
+        """vLLM's own reload, restricted to `layers` (its `reload_weights` re-initialises every layer)."""
         with set_current_vllm_config(self.vllm_config):
             for layer in layers:
                 initialize_layerwise_reload(layer)
             model.load_weights(_read_tensors(files))
             for layer in layers:
                 finalize_layerwise_reload(layer, self.vllm_config.model_config)
-        return sum(len(names) for _, names in files)
 
 
-def _target_layers(model: torch.nn.Module, names: list[str]) -> list[torch.nn.Module]:
-    """The vLLM modules that checkpoint tensors `names` load into (q_proj -> qkv_proj)."""
-    packed_of = {part: packed for packed, parts in getattr(model, "packed_modules_mapping", {}).items()
-                 for part in parts}
-    paths = set()
+class PackedCpuWeights:
+    """Reload of vLLM-CPU's packed unquantized Linears through persistent staging tensors."""
+
+    def __init__(self) -> None:
+        self.staging: dict[str, torch.Tensor] = {}  # module path -> (out, in)
+
+    @staticmethod
+    def handles(module: torch.nn.Module) -> bool:
+        """A single-partition unquantized Linear whose weight vLLM-CPU moved into a packed handle."""
+        return (isinstance(getattr(module, "quant_method", None), UnquantizedLinearMethod)
+                and hasattr(module, "cpu_linear") and module.weight.numel() == 0
+                and getattr(module, "tp_size", 1) == 1)
+
+    def load(self, modules: dict[str, torch.nn.Module], destinations: dict[str, Destination], files: Files) -> None:
+        parts: dict[str, list[tuple[int, torch.Tensor]]] = defaultdict(list)
+        for path, names in files:
+            for name, tensor in mapped_tensors(Path(path), names).items():
+                parts[destinations[name].module].append((destinations[name].part, tensor))
+        for path, module in modules.items():
+            self._repack(path, module, parts[path])
+
+    def _repack(self, path: str, module: torch.nn.Module, parts: list[tuple[int, torch.Tensor]]) -> None:
+        """Fill the module's staging weight from its parts, then let the layer pack it."""
+        offsets = _part_offsets(module)  # row offsets of the parts, len = parts + 1
+        if sorted(part for part, _ in parts) != list(range(len(offsets) - 1)):
+            raise ValueError(f"{path}: a swap must bring all {len(offsets) - 1} parts of the module together")
+        staging = self._staging(path, module)  # (out, in)
+        for part, tensor in parts:
+            rows = staging[offsets[part]:offsets[part + 1]]
+            if rows.shape != tensor.shape:
+                raise ValueError(f"{path}: part {part} has shape {list(tensor.shape)}, expected {list(rows.shape)}")
+            rows.copy_(tensor)
+        module.weight = torch.nn.Parameter(staging, requires_grad=False)
+        module.quant_method.process_weights_after_loading(module)  # packs; the Parameter is emptied again
+
+    def _staging(self, path: str, module: torch.nn.Module) -> torch.Tensor:
+        if path not in self.staging:
+            shape = (module.output_size_per_partition, module.input_size_per_partition)
+            self.staging[path] = torch.empty(shape, dtype=module.params_dtype)
+        return self.staging[path]
+
+
+def _part_offsets(module: torch.nn.Module) -> list[int]:
+    """Row offsets of a module's parts in its (out, in) weight: [0, q, q+k, q+k+v] for qkv_proj."""
+    sizes = getattr(module, "output_sizes", None) or [module.output_size_per_partition]
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
+    return offsets
+
+
+def _destinations(model: torch.nn.Module, names: list[str]) -> dict[str, Destination]:
+    """Checkpoint tensor name -> the vLLM module it loads into, and which part of it."""
+    position = {part: (packed, index) for packed, parts in getattr(model, "packed_modules_mapping", {}).items()
+                for index, part in enumerate(parts)}
+    destinations = {}
     for name in names:
         parent, _, leaf = name.rpartition(".")[0].rpartition(".")
-        paths.add(f"{parent}.{packed_of.get(leaf, leaf)}")
-    return [model.get_submodule(path) for path in sorted(paths)]
+        module, part = position.get(leaf, (leaf, 0))
+        destinations[name] = Destination(f"{parent}.{module}", part)
+    return destinations
 
 
-def _read_tensors(files: list[tuple[str, list[str]]]) -> Iterator[tuple[str, torch.Tensor]]:
+def _read_tensors(files: Files) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) in name order, so each layer's parts arrive together."""
     with contextlib.ExitStack() as stack:
         handles = {path: stack.enter_context(safe_open(path, framework="pt", device="cpu")) for path, _ in files}
