@@ -87,6 +87,12 @@ class Tracker:
             metrics.TIME_PER_OUTPUT_TOKEN.labels(model=self.model).observe(decode / (self.completion_tokens - self.n))
 
 
+async def refuse_when_full(request: Request) -> None:
+    """Route dependency: a full queue is answered 429 before the body is validated, its model resolved or its chat
+    rendered.  It runs after the API key check and before the body's validation (FastAPI solves dependencies first)."""
+    request.app.state.inference.scheduler.check_room()
+
+
 class InferenceHandler:
     def __init__(self, scheduler, registry: Registry, base_name: str, default_max_tokens: int):
         self.scheduler, self.registry = scheduler, registry

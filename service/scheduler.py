@@ -26,7 +26,10 @@ output token, token counters) are the HTTP layer's (service/inference.py).
 
 `generate` is an async generator: QueueFullError and UnknownModelError come
 out of its first `__anext__`, before any chunk.  Closing it early (a client
-that disconnects) aborts the engine request and frees its slot.
+that disconnects) aborts the engine request and frees its slot.  `check_room`
+is the same admission test, asked by the HTTP layer before it validates a
+body, resolves a model or renders a chat, so an overload is refused before any
+of that work (and asked again when the request is queued).
 """
 
 from __future__ import annotations
@@ -176,12 +179,16 @@ class Scheduler:
                 await slot.engine.abort(request.request_id)
             self._release(slot)
 
-    def _enqueue(self, model: str) -> Ticket:
-        if model not in self.models:
-            raise UnknownModelError(f"the model {model!r} is not served")
+    def check_room(self) -> None:
+        """QueueFullError if a request arriving now would be refused; the HTTP layer asks before any work on a body."""
         waiting = sum(len(queue) for queue in self.queues.values())
         if waiting >= self.settings.max_waiting:
             raise QueueFullError(waiting, max(1, math.ceil(self.settings.time_slice_s)))
+
+    def _enqueue(self, model: str) -> Ticket:
+        if model not in self.models:
+            raise UnknownModelError(f"the model {model!r} is not served")
+        self.check_room()
         ticket = Ticket(model, time.monotonic(), asyncio.get_running_loop().create_future())
         self.queues.setdefault(model, deque()).append(ticket)
         self._update_gauges()
