@@ -12,7 +12,10 @@ start on the same demo-task batches; volatility is the standard deviation of
 the step-to-step change of the training loss (the paper reports 36% lower for
 D²-LoRA than LoRA over full runs; this is a short run).
 
-    python -m benchmarks.train_step [--lengths 128,512,1024] [--budget-s 420] [--volatility-steps 24]
+    python -m benchmarks.train_step [--parts step-time,volatility] [--lengths 128,512,1024] [--budget-s 420]
+        [--volatility-steps 24]
+
+Writes benchmarks/results/train_step.json and train_volatility.json (each part its own).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine_load, markdown_table, write_atomic
+from benchmarks.common import command_line, machine_load, markdown_table, pick, write_atomic
 from merger.demo import demo_model_dir
 from merger.train.config import TrainConfig
 from merger.train.data import batches, collate, load_examples
@@ -113,7 +116,8 @@ def task_batches(base: Path, task: str, batch_size: int, steps: int, seed: int) 
     return [collate(b, tokenizer.pad_token_id) for b in planned]
 
 
-def volatility_rows(base: Path, args) -> list[dict]:
+def volatility_rows(args) -> list[dict]:
+    base = args.base
     data = task_batches(base, args.task, args.volatility_batch, args.volatility_steps, args.seed)
     rows = []
     for v in [x for x in variants(args.r) if x.r == args.r]:
@@ -125,24 +129,47 @@ def volatility_rows(base: Path, args) -> list[dict]:
     return rows
 
 
-def render(step: list[dict], vol: list[dict], args) -> str:
-    step_table = markdown_table(
+def render_step_time(step: list[dict], args) -> str:
+    table = markdown_table(
         ["tokens/step", "method", "wall s/step", "CPU s/step", "× LoRA r (CPU)", "× LoRA r (wall)", "rounds"],
         [(f"{args.batch_size}×{r['tokens']}", r["method"], f"{r['wall_s']:.2f}", f"{r['cpu_s']:.2f}",
           f"{r['cpu_ratio']:.2f}", f"{r['wall_ratio']:.2f}", r["rounds"]) for r in step])
+    return f"### Step time, {args.base.name} fp32, one optimiser step\n\n{table}\n"
+
+
+def render_volatility(vol: list[dict], args) -> str:
     lora = next(r["volatility"] for r in vol if r["method"].startswith("LoRA"))
-    vol_table = markdown_table(
+    table = markdown_table(
         ["method", "loss volatility (std of Δloss)", "vs LoRA", "first → final loss"],
         [(r["method"], f"{r['volatility']:.4f}", f"{r['volatility'] / lora - 1:+.0%}",
           f"{r['first_loss']:.3f} → {r['final_loss']:.3f}") for r in vol])
-    return (f"### Step time, {args.base.name} fp32, one optimiser step\n\n{step_table}\n\n"
-            f"### Training-loss volatility, task {args.task}, {args.volatility_steps} steps of "
-            f"batch {args.volatility_batch}, lr {args.lr}\n\n{vol_table}\n")
+    return (f"### Training-loss volatility, task {args.task}, {args.volatility_steps} steps of "
+            f"batch {args.volatility_batch}, lr {args.lr}\n\n{table}\n")
 
 
-def main() -> None:
+def step_time_rows(args) -> list[dict]:
+    return step_rows(time_steps(args.base, args), variants(args.r)[1].label)
+
+
+PARTS = {"step-time": (step_time_rows, render_step_time, "train_step.json"),
+         "volatility": (volatility_rows, render_volatility, "train_volatility.json")}
+
+
+def run_part(name: str, args) -> str:
+    """Measure one part, write its JSON (with the command and machine load), return its table."""
+    measure, render, filename = PARTS[name]
+    load_before = machine_load()
+    rows = measure(args)
+    record = {"rows": rows, "command": command_line("benchmarks.train_step", args.argv),
+              "load": f"{load_before} at start, {machine_load()} at end"}
+    write_atomic(args.results_dir / filename, json.dumps(record, indent=2))
+    return render(rows, args)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", type=Path, default=demo_model_dir(get_settings().cache_dir))
+    parser.add_argument("--parts", default="step-time,volatility", help=f"comma list of {', '.join(PARTS)}")
     parser.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[128, 512, 1024])
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--r", type=int, default=8)
@@ -153,16 +180,13 @@ def main() -> None:
     parser.add_argument("--volatility-batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak lr of the volatility runs")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=RESULTS_DIR / "train_step.json")
-    args = parser.parse_args()
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    args.argv = argv
     started = time.monotonic()
-    step = step_rows(time_steps(args.base, args), variants(args.r)[1].label)
-    vol = volatility_rows(args.base, args)
-    page = render(step, vol, args)
-    print(page)
+    for name in pick(parser, "--parts", args.parts, PARTS):
+        print(run_part(name, args))
     print(f"({machine_load()}; {time.monotonic() - started:.0f} s in all)")
-    write_atomic(args.json, json.dumps({"step_time": step, "volatility": vol, "args": {
-        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "load": machine_load()}, indent=2))
 
 
 if __name__ == "__main__":
