@@ -3,20 +3,24 @@
 Loopback only, bounded in count and time, stops by itself.  On the demo model
 (SmolLM2-135M-Instruct) with three random D²-LoRA adapters on different target sets:
 
-1. load: `--concurrency` clients for `--duration` s (at most `--max-requests`), each request a random mix of
-   adapter (or the base), streaming or not, short or long prompt, greedy; every answer is compared with its
-   adapter's reference (transformers' greedy completion on the merger's merged checkpoint: SPEC §6);
-   server RSS (with its engine process) after warm-up and at the end;
-2. overload: a burst of 4x (max_num_seqs + max_waiting) simultaneous requests: how many got 429, how fast,
-   with Retry-After, and how long until the service answered correctly again by itself;
+1. load: `--concurrency` clients (each on one kept-alive connection) for `--duration` s (at most
+   `--max-requests`), each request a random mix of adapter (or the base), completion or chat, streaming or not,
+   short or long prompt, greedy; every answer is compared with its adapter's reference (benchmarks/load_traffic.py:
+   SPEC §6); server RSS (with its engine process) every `--rss-every` s: after `--warm-up` s of load, at the end,
+   the peak and the least-squares slope after warm-up (benchmarks/server_figures.py);
+2. overload: a burst of 4x (max_num_seqs + max_waiting) simultaneous completions and chats, each client's
+   connection open before the burst: how many got 429, how fast (as the client saw it, and the server's own
+   d2lora_request_latency_seconds), with Retry-After, and how long until the service answered correctly again;
 3. disconnects: streams dropped after their first chunk; running/waiting must return to 0;
 4. faults: kill -9 during a merge, an upload and swaps, then restart: registry consistent, no temp file,
    references again; with vLLM, the engine-core process killed: the server must exit non-zero;
 5. bad inputs: seeded hostile bodies, names and archives: how many were tried, and that none got a 5xx.
 
     python -m benchmarks.load_test [--engine vllm|transformers] [--duration 180] [--concurrency 8]
+                                   [--warm-up 30] [--rss-every 5] [--results DIR]
 
-Prints the table and writes benchmarks/results/hardening.md.
+Prints the table and writes DIR/hardening.md and DIR/hardening.json (every figure and every RSS sample);
+DIR is benchmarks/results unless given.
 """
 
 from __future__ import annotations
@@ -35,121 +39,136 @@ from pathlib import Path
 import httpx
 import psutil
 
+from benchmarks.common import machine_load, require_positive, write_atomic
+from benchmarks.load_traffic import (
+    ENDPOINTS,
+    PROMPTS,
+    Ask,
+    References,
+    answer,
+    build_adapters,
+    client,
+    every_ask,
+    matches,
+    response_text,
+)
+from benchmarks.server_figures import RssSampler, fastest_bounds, latency_buckets, rss_summary
 from merger.demo import build_demo_model
-from merger.merge import merge
 from service.settings import Settings
-from tests.adapters import write_random_adapter
 from tests.hardening.hostile import BAD_NAMES, hostile_archives
 from tests.hardening.server import INFERENCE_HEADERS, Server
 from tests.hardening.test_kill9 import swapping, trickled_upload
-from tests.service.conftest import hf_greedy
 from tests.service.uploading import adapter_records, post_adapter, upload_files
 
-RESULTS = Path(__file__).parent / "results" / "hardening.md"
-ADAPTERS = {"qv": (["q_proj", "v_proj"], 1), "qkvo": (["q_proj", "k_proj", "v_proj", "o_proj"], 2),
-            "o": (["o_proj"], 3)}
-LONG = ("The lighthouse keeper climbed the spiral stairs every evening, counting the steps, listening to the sea "
-        "against the rocks below, and thinking about the ships that passed in the night. ") * 6
-PROMPTS = ("The capital of France is", "def fibonacci(n):", LONG + "What did the keeper count?")
-MAX_TOKENS = 16
+RESULTS = Path(__file__).parent / "results"
 MAX_NUM_SEQS, MAX_WAITING = 8, 16
 UPLOAD_CAP = 8 << 20
+Row = tuple[str, int, float, bool]  # endpoint, status, seconds, answer ≠ reference
 
 
-def build_adapters(base: Path, root: Path) -> tuple[dict[str, Path], dict[str, list[str]]]:
-    """(name -> artifact folder, model -> reference answers to PROMPTS)."""
-    artifacts, references = {}, {base.resolve().name: hf_greedy(base, PROMPTS, MAX_TOKENS)}
-    for name, (targets, seed) in ADAPTERS.items():
-        artifacts[name] = write_random_adapter(root / name, base, seed=seed, relative_size=0.05, targets=targets)
-        merge(base, artifacts[name], root / f"{name}-merged", progress=False)
-        references[name] = hf_greedy(root / f"{name}-merged", PROMPTS, MAX_TOKENS)
-    return artifacts, references
-
-
-def server_rss_mib(server: Server) -> float:
-    """The server and its children (vLLM's engine core), resident."""
-    process = psutil.Process(server.process.pid)
-    return sum(p.memory_info().rss for p in [process, *process.children(recursive=True)]) / (1 << 20)
-
-
-def streamed_text(server: Server, body: dict) -> tuple[int, str]:
-    with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True},
-                      headers=INFERENCE_HEADERS, timeout=300) as response:
-        if response.status_code != 200:
-            return response.status_code, ""
-        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
-    assert events[-1] == "[DONE]"
-    return 200, "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1] if json.loads(e)["choices"])
-
-
-def one_request(server: Server, model: str, prompt_index: int, stream: bool) -> tuple[int, str]:
-    body = {"model": model, "prompt": PROMPTS[prompt_index], "max_tokens": MAX_TOKENS, "temperature": 0}
-    if stream:
-        return streamed_text(server, body)
-    response = httpx.post(f"{server.url}/v1/completions", json=body, headers=INFERENCE_HEADERS, timeout=300)
-    return response.status_code, response.json()["choices"][0]["text"] if response.status_code == 200 else ""
-
-
-def load_phase(server: Server, references: dict, args) -> dict:
-    models = sorted(references)
-    deadline, budget, lock = time.monotonic() + args.duration, [args.max_requests], threading.Lock()
-    rows: list[tuple[int, float, bool]] = []
-
-    def client(seed: int) -> None:
-        rng = random.Random(seed)
-        while time.monotonic() < deadline:
-            with lock:
-                if budget[0] == 0:
-                    return
-                budget[0] -= 1
-            model, index, stream = rng.choice(models), rng.randrange(len(PROMPTS)), rng.random() < 0.5
-            start = time.perf_counter()
-            status, text = one_request(server, model, index, stream)
-            rows.append((status, time.perf_counter() - start, status == 200 and text != references[model][index]))
-
+def load_phase(server: Server, references: References, args) -> dict:
     warm_up(server, references)
-    rss_start, start = server_rss_mib(server), time.monotonic()
+    sampler = RssSampler(server.process.pid, args.rss_every)
+    sampler.start()
+    start = time.monotonic()
+    rows = run_clients(server, references, args)
+    figures = load_figures(rows, args.concurrency, time.monotonic() - start)
+    return {**figures, **rss_summary(sampler.stop(), args.warm_up)}
+
+
+def run_clients(server: Server, references: References, args) -> list[Row]:
+    """`--concurrency` clients, each on its own connection, until the time or the request budget runs out."""
+    deadline, budget, lock, rows = time.monotonic() + args.duration, [args.max_requests], threading.Lock(), []
+
+    def take() -> bool:
+        with lock:
+            budget[0] -= 1
+            return budget[0] >= 0 and time.monotonic() < deadline
+
+    def run(seed: int) -> None:
+        rng = random.Random(seed)
+        with client() as http:
+            while take():
+                ask, start = Ask.random(rng, sorted(references)), time.perf_counter()
+                status, text = answer(http, server.url, ask)
+                wrong = status == 200 and not matches(references, ask, text)
+                rows.append((ask.endpoint, status, time.perf_counter() - start, wrong))
+
     with ThreadPoolExecutor(args.concurrency) as pool:
-        list(pool.map(client, range(args.concurrency)))
-    latencies = sorted(seconds for status, seconds, _ in rows if status == 200)
-    return {"requests": len(rows), "concurrency": args.concurrency, "seconds": time.monotonic() - start,
-            "statuses": dict(Counter(status for status, _, _ in rows)), "mismatches": sum(m for _, _, m in rows),
-            "p50": percentile(latencies, 50), "p95": percentile(latencies, 95),
-            "rss_start": rss_start, "rss_end": server_rss_mib(server)}
+        list(pool.map(run, range(args.concurrency)))
+    return rows
 
 
-def warm_up(server: Server, references: dict) -> None:
-    for model in references:
-        for index in range(len(PROMPTS)):
-            assert one_request(server, model, index, False)[1] == references[model][index], model
+def load_figures(rows: list[Row], concurrency: int, seconds: float) -> dict:
+    latencies = sorted(seconds for _, status, seconds, _ in rows if status == 200)
+    return {"requests": len(rows), "concurrency": concurrency, "seconds": seconds,
+            "statuses": dict(Counter(status for _, status, _, _ in rows)),
+            "mismatches": sum(wrong for *_, wrong in rows),
+            "by_endpoint": {endpoint: by_endpoint(rows, endpoint) for endpoint in ENDPOINTS},
+            "p50": percentile(latencies, 50), "p95": percentile(latencies, 95)}
+
+
+def by_endpoint(rows: list[Row], endpoint: str) -> dict:
+    mine = [row for row in rows if row[0] == endpoint]
+    return {"requests": len(mine), "mismatches": sum(wrong for *_, wrong in mine)}
+
+
+def warm_up(server: Server, references: References) -> None:
+    """Every model, endpoint and prompt once; a wrong answer stops the run here."""
+    with client() as http:
+        for ask in every_ask(references):
+            status, text = answer(http, server.url, ask)
+            assert status == 200 and matches(references, ask, text), (ask, text, references[ask.model][ask.endpoint])
 
 
 def percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else (values[0] if values else 0.0)
 
 
-def overload_phase(server: Server, references: dict) -> dict:
-    count = 4 * (MAX_NUM_SEQS + MAX_WAITING)
-    gate = threading.Barrier(count)
+def burst(url: str, asks: list[Ask]) -> list[tuple[int, float, str | None, str]]:
+    """All `asks` released together, each on a connection opened before: (status, seconds, Retry-After, text)."""
+    gate = threading.Barrier(len(asks))
 
-    def one(_) -> tuple[int, float, str | None]:
-        gate.wait()
-        start = time.perf_counter()
-        response = server.complete("qkvo", PROMPTS[2], MAX_TOKENS, timeout=300)
-        return response.status_code, time.perf_counter() - start, response.headers.get("retry-after")
+    def one(ask: Ask) -> tuple[int, float, str | None, str]:
+        with client() as http:
+            http.get(f"{url}/health")
+            gate.wait()
+            start = time.perf_counter()
+            response = http.post(f"{url}{ENDPOINTS[ask.endpoint]}", json=ask.body())
+            seconds = time.perf_counter() - start
+        return response.status_code, seconds, response.headers.get("retry-after"), response_text(ask, response)
 
-    with ThreadPoolExecutor(count) as pool:
-        results = list(pool.map(one, range(count)))
+    with ThreadPoolExecutor(len(asks)) as pool:
+        return list(pool.map(one, asks))
+
+
+def overload_phase(server: Server, references: References) -> dict:
+    asks = [Ask("qkvo", list(ENDPOINTS)[i % 2], 2, False) for i in range(4 * (MAX_NUM_SEQS + MAX_WAITING))]
+    before = latency_buckets(server.url)
+    results = burst(server.url, asks)
+    refused = sorted(seconds for status, seconds, _, _ in results if status == 429)
+    server_p50, server_max = fastest_bounds(before, latency_buckets(server.url), len(refused))
+    served = sorted(seconds for status, seconds, _, _ in results if status == 200)
+    return {"burst": len(asks), "statuses": dict(Counter(status for status, *_ in results)),
+            "served_wrong": sum(s == 200 and not matches(references, a, t) for a, (s, _, _, t) in zip(asks, results)),
+            "refused_p50": percentile(refused, 50), "refused_max": max(refused, default=0.0),
+            "server_refused_p50": server_p50, "server_refused_max": server_max,
+            "served_min": min(served, default=0.0), "served_max": max(served, default=0.0),
+            "retry_after": all(r for status, _, r, _ in results if status == 429), **recovery(server, references)}
+
+
+def recovery(server: Server, references: References) -> dict:
+    """How long until the service is idle again by itself, and whether it then answers correctly."""
     start = time.perf_counter()
     idle = server.wait_idle(60)
-    correct = [server.answer("qkvo", p, MAX_TOKENS) for p in PROMPTS] == references["qkvo"]
-    refused = sorted(seconds for status, seconds, _ in results if status == 429)
-    served = sorted(seconds for status, seconds, _ in results if status == 200)
-    return {"burst": count, "statuses": dict(Counter(status for status, _, _ in results)),
-            "refused_p50": percentile(refused, 50), "refused_max": max(refused, default=0.0),
-            "served_min": min(served, default=0.0), "served_max": max(served, default=0.0),
-            "retry_after": all(r for status, _, r in results if status == 429),
-            "recovered_s": time.perf_counter() - start, "recovered": idle == (0, 0) and correct}
+    correct = answers_match(server, {"qkvo": references["qkvo"]})
+    return {"recovered_s": time.perf_counter() - start, "recovered": idle == (0, 0) and correct}
+
+
+def answers_match(server: Server, references: References) -> bool:
+    """Every model's completions and chats (not streamed) equal their references."""
+    with client() as http:
+        return all(matches(references, ask, answer(http, server.url, ask)[1]) for ask in every_ask(references))
 
 
 def disconnect_phase(server: Server) -> dict:
@@ -165,7 +184,7 @@ def disconnect_phase(server: Server) -> dict:
             "freed_s": time.perf_counter() - start}
 
 
-def kill9_phase(server: Server, artifacts: dict, references: dict) -> dict:
+def kill9_phase(server: Server, artifacts: dict, references: References) -> dict:
     """kill -9 while a merge runs, an upload trickles in and requests swap adapters; then restart and check."""
     stop = threading.Event()
     workers = [threading.Thread(target=swapping, args=(server, stop)),
@@ -181,11 +200,10 @@ def kill9_phase(server: Server, artifacts: dict, references: dict) -> dict:
     start = time.perf_counter()
     server.start()
     records = adapter_records(server)
-    answers = {m: [server.answer(m, p, MAX_TOKENS) for p in PROMPTS] for m in [server.base_name, *ADAPTERS]}
     return {"merge cut": accepted and records["cut"]["status"] == "failed",
             "upload cut": "trickle" not in records,
             "no temp files": all(not list(p.iterdir()) for p in (server.data_dir / "tmp").iterdir() if p.is_dir()),
-            "references after restart": answers == references, "restart_s": time.perf_counter() - start}
+            "references after restart": answers_match(server, references), "restart_s": time.perf_counter() - start}
 
 
 def engine_death_phase(server: Server) -> dict:
@@ -233,36 +251,67 @@ def bad_input_phase(server: Server, artifacts: dict, scratch: Path, count: int) 
 
 
 def report(args, load: dict, overload: dict, drops: dict, kill9: dict, death: dict | None, bad: dict) -> str:
-    command = (f"python -m benchmarks.load_test --engine {args.engine} --duration {args.duration} "
-               f"--concurrency {args.concurrency} --max-requests {args.max_requests} --bad-bodies {args.bad_bodies}")
-    survived = [name for name, ok in kill9.items() if ok is True]
-    lines = [
-        "# Hardening: load, faults and hostile input", "",
-        f"`{command}` — {args.engine} engine, demo model SmolLM2-135M-Instruct fp32, 3 random D²-LoRA adapters "
-        f"(q/v, q/k/v/o, o), max_num_seqs {MAX_NUM_SEQS}, max_waiting {MAX_WAITING}, 2-core CPU shared with "
-        "other work (latencies are noisy; compare within a run).", "",
-        "| load | |", "|---|---|",
-        f"| requests / concurrency / duration | {load['requests']} / {load['concurrency']} / {load['seconds']:.0f} s |",
-        f"| status counts | {load['statuses']} |",
-        f"| answers ≠ reference (SPEC §6) | {load['mismatches']} |",
-        f"| latency p50 / p95 | {load['p50']:.2f} s / {load['p95']:.2f} s |",
-        f"| server RSS after warm-up → end | {load['rss_start']:.0f} MiB → {load['rss_end']:.0f} MiB |", "",
-        "| overload | |", "|---|---|",
-        f"| burst / status counts | {overload['burst']} / {overload['statuses']} |",
-        f"| 429 answered in p50 / max | {overload['refused_p50'] * 1000:.0f} ms / {overload['refused_max'] * 1000:.0f} ms"
-        f" (served requests took {overload['served_min']:.2f}–{overload['served_max']:.2f} s) |",
-        f"| every 429 has Retry-After | {overload['retry_after']} |",
-        f"| recovered by itself (idle + correct answers) | {overload['recovered']} in {overload['recovered_s']:.1f} s |",
-        "", "| faults | |", "|---|---|",
-        f"| streams dropped mid-way → running / waiting after | {drops['dropped']} → {drops['running_after']:.0f} / "
-        f"{drops['waiting_after']:.0f} (in {drops['freed_s']:.1f} s) |",
-        f"| kill -9 during merge + upload + swaps, survived | {', '.join(survived)} "
-        f"({len(survived)}/4; restart {kill9['restart_s']:.0f} s) |",
-        f"| engine-core process killed | {engine_death_line(death)} |", "",
-        "| hostile input | |", "|---|---|",
-        f"| bad bodies, names, archives, tokens tried | {bad['tried']} |",
-        f"| status counts | {bad['statuses']} |", f"| 5xx | {bad['5xx']} |", ""]
+    lines = ["# Hardening: load, faults and hostile input", "",
+             f"`{command(args)}` — {args.engine} engine, demo model SmolLM2-135M-Instruct fp32, 3 random D²-LoRA "
+             f"adapters (q/v, q/k/v/o, o), max_num_seqs {MAX_NUM_SEQS}, max_waiting {MAX_WAITING}, 2-core CPU shared "
+             f"with other work (latencies are noisy; compare within a run; {args.machine_load} at start). "
+             "Every figure and every RSS sample is in hardening.json beside this page.", ""]
+    lines += load_rows(load) + [""] + overload_rows(overload) + [""] + fault_rows(drops, kill9, death) + [""]
+    lines += ["| hostile input | |", "|---|---|", f"| bad bodies, names, archives, tokens tried | {bad['tried']} |",
+              f"| status counts | {bad['statuses']} |", f"| 5xx | {bad['5xx']} |", ""]
     return "\n".join(lines)
+
+
+def command(args) -> str:
+    return (f"python -m benchmarks.load_test --engine {args.engine} --duration {args.duration:g} "
+            f"--concurrency {args.concurrency} --max-requests {args.max_requests} --bad-bodies {args.bad_bodies} "
+            f"--warm-up {args.warm_up:g} --rss-every {args.rss_every:g}")
+
+
+def load_rows(load: dict) -> list[str]:
+    per_endpoint = ", ".join(f"{e} {n['mismatches']} of {n['requests']}" for e, n in load["by_endpoint"].items())
+    return ["| load | |", "|---|---|",
+            f"| requests / concurrency / duration | {load['requests']} / {load['concurrency']} / "
+            f"{load['seconds']:.0f} s |",
+            f"| status counts | {load['statuses']} |",
+            f"| answers ≠ reference (SPEC §6) | {load['mismatches']} ({per_endpoint}; streamed or not) |",
+            f"| latency p50 / p95 | {load['p50']:.2f} s / {load['p95']:.2f} s |",
+            f"| server RSS after warm-up → end | {load['rss_after_warm_up']:.0f} MiB → {load['rss_end']:.0f} MiB |",
+            f"| server RSS peak / slope after warm-up | {load['rss_peak']:.0f} MiB / {slope_text(load)} |"]
+
+
+def slope_text(load: dict) -> str:
+    slope, alone = load["rss_slope_mib_per_min"], load["server_alone_slope_mib_per_min"]
+    if slope is None:
+        return "n/a (under two samples after warm-up)"
+    return (f"{slope:+.1f} MiB/min over {load['rss_samples_after_warm_up']} samples "
+            f"(server process alone {alone:+.1f}, the rest its engine core)")
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms"
+
+
+def overload_rows(o: dict) -> list[str]:
+    return ["| overload | |", "|---|---|",
+            f"| burst (completions + chats) / status counts | {o['burst']} / {o['statuses']} |",
+            f"| served answers ≠ reference | {o['served_wrong']} |",
+            f"| 429 answered in p50 / max (client; connections opened before the burst) | {ms(o['refused_p50'])} / "
+            f"{ms(o['refused_max'])} (served requests took {o['served_min']:.2f}–{o['served_max']:.2f} s) |",
+            f"| 429 answered in p50 / max, server side (d2lora_request_latency_seconds buckets) | "
+            f"≤ {ms(o['server_refused_p50'])} / ≤ {ms(o['server_refused_max'])} |",
+            f"| every 429 has Retry-After | {o['retry_after']} |",
+            f"| recovered by itself (idle + correct answers) | {o['recovered']} in {o['recovered_s']:.1f} s |"]
+
+
+def fault_rows(drops: dict, kill9: dict, death: dict | None) -> list[str]:
+    survived = [name for name, ok in kill9.items() if ok is True]
+    return ["| faults | |", "|---|---|",
+            f"| streams dropped mid-way → running / waiting after | {drops['dropped']} → "
+            f"{drops['running_after']:.0f} / {drops['waiting_after']:.0f} (in {drops['freed_s']:.1f} s) |",
+            f"| kill -9 during merge + upload + swaps, survived | {', '.join(survived)} "
+            f"({len(survived)}/4; restart {kill9['restart_s']:.0f} s) |",
+            f"| engine-core process killed | {engine_death_line(death)} |"]
 
 
 def engine_death_line(death: dict | None) -> str:
@@ -284,7 +333,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-requests", type=int, default=5000, help="requests of mixed load (upper bound)")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--bad-bodies", type=int, default=300)
-    return parser.parse_args()
+    parser.add_argument("--warm-up", type=float, default=30, help="seconds of load before RSS counts as warmed up")
+    parser.add_argument("--rss-every", type=float, default=5, help="seconds between server RSS samples")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for hardening.md and hardening.json")
+    args = parser.parse_args()
+    require_positive(parser, args, ("concurrency", "max_requests"))
+    if min(args.duration, args.rss_every) <= 0 or args.warm_up < 0:
+        parser.error("--duration and --rss-every must be above 0, --warm-up at least 0")
+    args.machine_load = machine_load()
+    return args
 
 
 def main() -> None:
@@ -311,7 +368,10 @@ def main() -> None:
             server.kill()
     text = report(args, load, overload, drops, kill9, death, bad)
     print(text)
-    RESULTS.write_text(text)
+    figures = {"command": command(args), "load": load, "overload": overload, "disconnects": drops, "kill -9": kill9,
+               "engine death": death, "bad inputs": bad}
+    write_atomic(args.results / "hardening.json", json.dumps(figures, indent=1, default=str) + "\n")
+    write_atomic(args.results / "hardening.md", text)
 
 
 if __name__ == "__main__":
