@@ -2,10 +2,8 @@
 
 RSS is the server process's plus its children's (vLLM's engine core), sampled
 every few seconds by a thread, with the server process's own share beside it
-(vLLM's KV cache is allocated at start but its pages become resident as blocks
-are first used, so the engine core grows until every block has held a token);
-whether memory is flat after warm-up is the least-squares slope of the totals
-taken after it.  The server-side latency of
+(so a growth can be told apart: the HTTP side or the engine); whether memory
+is flat after warm-up is the least-squares slope of the totals taken after it.  The server-side latency of
 a burst comes from `d2lora_request_latency_seconds` (SPEC §5), read before and
 after: the histogram's buckets bound it from above.
 """
