@@ -139,7 +139,7 @@ def _destinations(model: torch.nn.Module, names: list[str]) -> dict[str, Destina
     for name in names:
         parent, _, leaf = name.rpartition(".")[0].rpartition(".")
         module, part = position.get(leaf, (leaf, 0))
-        destinations[name] = Destination(f"{parent}.{module}", part)
+        destinations[name] = Destination(f"{parent}.{module}" if parent else module, part)
     return destinations
 
 
