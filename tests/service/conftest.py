@@ -22,7 +22,7 @@ from tests.adapters import write_random_adapter
 
 # name -> (target modules, seed): different target sets, so a swap must put tensors back to the base
 ADAPTERS = {"qv": (["q_proj", "v_proj"], 1), "qkvo": (["q_proj", "k_proj", "v_proj", "o_proj"], 2),
-            "o": (["o_proj"], 3)}
+            "o-mlp": (["o_proj", "gate_proj", "down_proj"], 3)}  # gate without up: the engine adds the base's up_proj
 PROMPTS = ("The capital of France is", "def fibonacci(n):", "Once upon a time, a small robot")
 MAX_TOKENS = 8
 

@@ -35,8 +35,8 @@ def test_the_kept_tensors_are_only_the_targeted_ones(uploaded):
 
 
 def test_get_one_adapter_and_a_missing_one(live_server, uploaded):
-    one = httpx.get(f"{live_server.url}/adapters/o", headers=live_server.admin_headers())
-    assert one.status_code == 200 and one.json() == uploaded["o"]
+    one = httpx.get(f"{live_server.url}/adapters/o-mlp", headers=live_server.admin_headers())
+    assert one.status_code == 200 and one.json() == uploaded["o-mlp"]
     missing = httpx.get(f"{live_server.url}/adapters/nope", headers=live_server.admin_headers())
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "adapter_not_found"
 
@@ -121,13 +121,13 @@ def test_a_body_that_is_not_multipart_is_415(live_server):
 
 
 def test_a_taken_name_is_409(live_server, uploaded, artifacts):
-    response = upload_files(live_server, "qv", artifacts["o"])
+    response = upload_files(live_server, "qv", artifacts["o-mlp"])
     assert response.status_code == 409 and response.json()["error"]["code"] == "adapter_exists"
     assert adapter_records(live_server) == uploaded
 
 
 def test_the_base_models_name_is_409(live_server, uploaded, artifacts):
-    response = upload_files(live_server, live_server.base_name.lower(), artifacts["o"])
+    response = upload_files(live_server, live_server.base_name.lower(), artifacts["o-mlp"])
     assert response.status_code == 409 and response.json()["error"]["code"] == "name_taken"
 
 
@@ -144,12 +144,12 @@ def greedy_answers(client, model: str) -> list[str]:
 
 
 def test_wait_false_answers_202_then_the_record_becomes_ready(live_server, uploaded, artifacts, client, references):
-    response = upload_files(live_server, "scratch", artifacts["o"], params={"wait": "false"})
+    response = upload_files(live_server, "scratch", artifacts["o-mlp"], params={"wait": "false"})
     assert response.status_code == 202 and response.json()["status"] == "merging"
     assert response.headers["location"] == "/adapters/scratch"
     record = wait_for_status(live_server, "scratch", {"ready", "failed"})
     assert record["status"] == "ready" and record["version"] == 1
-    assert greedy_answers(client, "scratch") == references["o"]  # the same artifact as "o"
+    assert greedy_answers(client, "scratch") == references["o-mlp"]  # the same artifact as "o-mlp"
 
 
 def test_replace_swaps_in_the_new_version_and_the_old_serves_meanwhile(live_server, artifacts, client, references):

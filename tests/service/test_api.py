@@ -126,11 +126,11 @@ def eventually(condition, timeout_s: float = 5.0) -> bool:
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(client, live_server):
-    stream = client.completions.create(model="o", prompt=PROMPTS[1], max_tokens=1500, temperature=0, stream=True)
+    stream = client.completions.create(model="o-mlp", prompt=PROMPTS[1], max_tokens=1500, temperature=0, stream=True)
     next(iter(stream))
     stream.close()  # decoding 1500 tokens takes far longer than the wait below
     assert eventually(lambda: running_requests(live_server) == 0)
-    assert greedy(client, "o", PROMPTS[1]).choices[0].finish_reason == "length"
+    assert greedy(client, "o-mlp", PROMPTS[1]).choices[0].finish_reason == "length"
 
 
 def test_health_and_ready(live_server):

@@ -32,19 +32,19 @@ def answers(loop, scheduler, model: str) -> list[str]:
     return loop.run(run())
 
 
-@pytest.mark.parametrize("model", ["qv", "qkvo", "o"])
+@pytest.mark.parametrize("model", ["qv", "qkvo", "o-mlp"])
 def test_swapped_weights_answer_like_the_merged_checkpoint(event_loop_thread, scheduler, references, model):
     assert answers(event_loop_thread, scheduler, model) == references[model]
 
 
 def test_adapters_change_the_answers(references):
-    base = [answers for name, answers in references.items() if name not in ("qv", "qkvo", "o")][0]
-    assert all(references[name] != base for name in ("qv", "qkvo", "o"))
+    base = [answers for name, answers in references.items() if name not in ("qv", "qkvo", "o-mlp")][0]
+    assert all(references[name] != base for name in ("qv", "qkvo", "o-mlp"))
 
 
 def test_swapping_back_restores_the_base_exactly(event_loop_thread, scheduler, references):
     base = scheduler.base_name
-    for model in ("qkvo", base, "qv", "o", base):  # q/k/v/o changed, then only some: the rest must be the base's
+    for model in ("qkvo", base, "qv", "o-mlp", base):  # q/k/v/o changed, then only some: the rest must be the base's
         assert answers(event_loop_thread, scheduler, model) == references[model]
 
 

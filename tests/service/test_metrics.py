@@ -28,7 +28,7 @@ QUERY_TIMEOUT_S = 90
 def traffic(live_server, uploaded) -> None:
     client = openai.OpenAI(base_url=f"{live_server.url}/v1", api_key=API_KEY, timeout=300, max_retries=0)
     client.completions.create(model="qv", prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0)
-    list(client.chat.completions.create(model="o", messages=[{"role": "user", "content": "hi"}],
+    list(client.chat.completions.create(model="o-mlp", messages=[{"role": "user", "content": "hi"}],
                                         max_tokens=MAX_TOKENS, temperature=0, stream=True))
 
 
@@ -77,7 +77,7 @@ def test_prometheus_returns_the_request_series(prometheus):
 
 
 def test_prometheus_returns_the_token_series(prometheus):
-    generated = query(prometheus, 'd2lora_generation_tokens_total{model="o"}')
+    generated = query(prometheus, 'd2lora_generation_tokens_total{model="o-mlp"}')
     prompt = query(prometheus, 'd2lora_prompt_tokens_total{model="qv"}')
     assert generated and float(generated[0]["value"][1]) >= MAX_TOKENS
     assert prompt and float(prompt[0]["value"][1]) > 0

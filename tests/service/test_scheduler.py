@@ -27,7 +27,7 @@ async def settle(scheduler, seconds: float = 5.0) -> None:
 
 
 def test_concurrent_requests_each_get_their_own_models_answer(event_loop_thread, scheduler, references):
-    models = [scheduler.base_name, "qv", "qkvo", "o"]
+    models = [scheduler.base_name, "qv", "qkvo", "o-mlp"]
     jobs = [(model, i) for i, model in itertools.product(range(len(PROMPTS)), models)]
 
     async def run():
@@ -40,8 +40,8 @@ def test_concurrent_requests_each_get_their_own_models_answer(event_loop_thread,
 
 
 def test_a_steady_stream_does_not_starve_another_model(event_loop_thread, vllm_scheduler):
-    """Back-to-back batches of "qv" (counted, not timed: the machine's speed does not matter) must not keep "o"
-    waiting until the stream is over: "o" gets the engine once qv's time slice ends."""
+    """Back-to-back batches of "qv" (counted, not timed: the machine's speed does not matter) must not keep "o-mlp"
+    waiting until the stream is over: "o-mlp" gets the engine once qv's time slice ends."""
     scheduler = vllm_scheduler
 
     async def steady_stream(batches: int) -> float:
@@ -53,11 +53,11 @@ def test_a_steady_stream_does_not_starve_another_model(event_loop_thread, vllm_s
         await complete(scheduler, "qv", PROMPTS[0], max_tokens=1)  # "qv" resident before the stream starts
         stream = asyncio.create_task(steady_stream(batches=5))
         await asyncio.sleep(scheduler.settings.time_slice_s / 2)
-        await complete(scheduler, "o", PROMPTS[1], max_tokens=2)
+        await complete(scheduler, "o-mlp", PROMPTS[1], max_tokens=2)
         other_done = time.monotonic()
         return await stream - other_done
 
-    assert event_loop_thread.run(run()) > 0  # "o" finished while "qv" still had batches to send
+    assert event_loop_thread.run(run()) > 0  # "o-mlp" finished while "qv" still had batches to send
 
 
 def test_a_client_that_disconnects_frees_its_slot(event_loop_thread, scheduler):
@@ -74,10 +74,10 @@ def test_a_client_that_disconnects_frees_its_slot(event_loop_thread, scheduler):
 
 def test_a_request_cancelled_while_queued_leaves_the_queue(event_loop_thread, scheduler):
     async def run():
-        await complete(scheduler, "qv", PROMPTS[0], max_tokens=1)  # "qv" resident: "o" must queue behind it
+        await complete(scheduler, "qv", PROMPTS[0], max_tokens=1)  # "qv" resident: "o-mlp" must queue behind it
         busy = asyncio.create_task(complete(scheduler, "qv", PROMPTS[0], max_tokens=64))
         await asyncio.sleep(0)
-        queued = asyncio.create_task(complete(scheduler, "o", PROMPTS[1]))
+        queued = asyncio.create_task(complete(scheduler, "o-mlp", PROMPTS[1]))
         await asyncio.sleep(0.01)
         queued.cancel()
         await asyncio.gather(busy, queued, return_exceptions=True)
@@ -113,8 +113,8 @@ def test_an_unknown_model_is_refused(event_loop_thread, scheduler):
 
 def test_a_removed_model_is_refused_and_a_readded_one_serves_again(event_loop_thread, scheduler, adapters,
                                                                     references):
-    event_loop_thread.run(scheduler.remove_model("o"))
+    event_loop_thread.run(scheduler.remove_model("o-mlp"))
     with pytest.raises(UnknownModelError):
-        event_loop_thread.run(complete(scheduler, "o", PROMPTS[0]))
-    event_loop_thread.run(scheduler.add_model("o", adapters["o"][1]))
-    assert event_loop_thread.run(complete(scheduler, "o", PROMPTS[0]))[0][0] == references["o"][0]
+        event_loop_thread.run(complete(scheduler, "o-mlp", PROMPTS[0]))
+    event_loop_thread.run(scheduler.add_model("o-mlp", adapters["o-mlp"][1]))
+    assert event_loop_thread.run(complete(scheduler, "o-mlp", PROMPTS[0]))[0][0] == references["o-mlp"][0]
