@@ -6,8 +6,7 @@ demo model (SmolLM2-135M-Instruct) with three random D²-LoRA adapters on q/k/v/
 - generated tokens/s and p50/p95 request latency for 1, 4 and 16 concurrent clients, all on one adapter, then
   with each client's requests spread round-robin over the three adapters (so the scheduler must swap);
 - swap latency p50/p95 (planner + engine.load_weights, what the scheduler does between drain and admit) beside
-  the time to copy the same tensors in memory (into preallocated buffers), to read them from the page cache,
-  and (vLLM on CPU) vLLM's own packing of the same weights, which every weight load on vLLM-CPU pays.
+  the time to copy the same tensors in memory (into preallocated buffers), and to read them from the page cache.
 
 Targets: mixed traffic keeps >= 60% of the one-adapter throughput; swap p95 <= 5x the plain copy of its bytes.
 
@@ -130,33 +129,6 @@ def copy_seconds(fused: Path, repeats: int) -> tuple[list[float], list[float]]:
     return in_memory, from_file
 
 
-def repack_seconds(fused: Path, dtype: torch.dtype, repeats: int) -> list[float]:
-    """vLLM-CPU's own packing of the same tensors (what it does to every Linear weight it loads); [] on a GPU.
-
-    Each tensor goes through vllm's dispatch_cpu_unquantized_gemm on a bare holder module, as a loaded layer would.
-    """
-    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
-        return []
-    with safe_open(fused, framework="pt") as f:
-        holders = [_weight_holder(f.get_tensor(name).to(dtype)) for name in f.keys()]
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for holder in holders:
-            dispatch_cpu_unquantized_gemm(holder, remove_weight=False)
-        seconds.append(time.perf_counter() - start)
-    return seconds
-
-
-def _weight_holder(weight: torch.Tensor) -> torch.nn.Module:
-    holder = torch.nn.Module()
-    holder.weight = torch.nn.Parameter(weight, requires_grad=False)  # (out, in)
-    return holder
-
-
 def settings_for(args: argparse.Namespace) -> Settings:
     return Settings(engine=args.engine, dtype=args.dtype, kv_cache_gib=2, max_num_seqs=32, max_model_len=512,
                     max_waiting=1024, time_slice_s=args.time_slice)
@@ -179,11 +151,9 @@ async def run(args: argparse.Namespace) -> str:
     finally:
         await scheduler.stop()
     in_memory, from_file = copy_seconds(files[0], args.swaps)
-    repack = repack_seconds(files[0], getattr(torch, args.dtype), args.swaps)
     nbytes = files[0].stat().st_size
     return report(args, started, rows, swaps, {"plain copy into preallocated buffers": in_memory,
-                                               "read from page cache + copy": from_file,
-                                               "vLLM-CPU's packing of the same weights (oneDNN)": repack}, nbytes)
+                                               "read from page cache + copy": from_file}, nbytes)
 
 
 async def traffic_rows(scheduler: Scheduler, args: argparse.Namespace) -> list[tuple[int, dict, dict]]:
@@ -210,7 +180,7 @@ def report(args, started: float, rows, swaps, baselines: dict[str, list[float]],
     copy_p95 = percentile(baselines["plain copy into preallocated buffers"], 0.95)
     lines += ["", f"| swap of {nbytes / 1e6:.0f} MB (120 q/k/v/o tensors) | p50 ms | p95 ms | swap p95 ÷ this |",
               "|---|---|---|---|"]
-    timed = {"scheduler swap (plan + engine.load_weights)": swaps, **{k: v for k, v in baselines.items() if v}}
+    timed = {"scheduler swap (plan + engine.load_weights)": swaps, **baselines}
     for label, values in timed.items():
         lines.append(f"| {label} | {1e3 * percentile(values, 0.5):.1f} | {1e3 * percentile(values, 0.95):.1f} | "
                      f"{percentile(swaps, 0.95) / percentile(values, 0.95):.1f} |")
