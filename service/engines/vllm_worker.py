@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,10 +126,7 @@ class PackedCpuWeights:
 def _part_offsets(module: torch.nn.Module) -> list[int]:
     """Row offsets of a module's parts in its (out, in) weight: [0, q, q+k, q+k+v] for qkv_proj."""
     sizes = getattr(module, "output_sizes", None) or [module.output_size_per_partition]
-    offsets = [0]
-    for size in sizes:
-        offsets.append(offsets[-1] + size)
-    return offsets
+    return list(itertools.accumulate(sizes, initial=0))
 
 
 def _destinations(model: torch.nn.Module, names: list[str]) -> dict[str, Destination]:
