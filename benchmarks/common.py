@@ -30,13 +30,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
-QUIET_ENV = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
-             "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
+QUIET_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TQDM_DISABLE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 class BenchmarkError(RuntimeError):
@@ -88,8 +94,7 @@ def _child(target: str, kwargs_json: str, result_path: str, preload: Iterable[st
     start = time.perf_counter()
     result = function(**json.loads(kwargs_json))
     seconds = time.perf_counter() - start
-    record = {"seconds": seconds, "peak_rss_bytes": peak_rss_bytes(), "baseline_rss_bytes": baseline,
-              "result": result}
+    record = {"seconds": seconds, "peak_rss_bytes": peak_rss_bytes(), "baseline_rss_bytes": baseline, "result": result}
     write_atomic(Path(result_path), json.dumps(record))
 
 

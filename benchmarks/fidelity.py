@@ -30,8 +30,8 @@ import gc
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -142,13 +142,17 @@ class LogitStats:
         self.top1_agree += int((candidate.argmax(-1) == reference.argmax(-1)).sum())
 
     def to_dict(self) -> dict:
-        return {"positions": self.positions, "max_abs_logit_diff": self.max_abs_logit_diff,
-                "mean_kl": self.kl_sum / max(1, self.positions),
-                "top1_agreement": self.top1_agree / max(1, self.positions)}
+        return {
+            "positions": self.positions,
+            "max_abs_logit_diff": self.max_abs_logit_diff,
+            "mean_kl": self.kl_sum / max(1, self.positions),
+            "top1_agreement": self.top1_agree / max(1, self.positions),
+        }
 
 
-def score_all(models: dict[str, nn.Module], items: list[EncodedItem], pad_id: int,
-              batch_size: int) -> tuple[dict[str, list[int]], dict[str, LogitStats]]:
+def score_all(
+    models: dict[str, nn.Module], items: list[EncodedItem], pad_id: int, batch_size: int
+) -> tuple[dict[str, list[int]], dict[str, LogitStats]]:
     """Every variant's answers, and its logit statistics against the reference, batch by batch."""
     answers = {key: [] for key in models}
     stats = {key: LogitStats() for key in models}
@@ -162,7 +166,7 @@ def score_all(models: dict[str, nn.Module], items: list[EncodedItem], pad_id: in
 
 
 def flips(a: list[int], b: list[int]) -> int:
-    return sum(x != y for x, y in zip(a, b))
+    return sum(x != y for x, y in zip(a, b, strict=True))
 
 
 def variant_rows(items: list[EncodedItem], answers: dict[str, list[int]], stats: dict[str, LogitStats]) -> dict:
@@ -172,7 +176,8 @@ def variant_rows(items: list[EncodedItem], answers: dict[str, list[int]], stats:
     for variant in VARIANTS:
         peer = variant.peer
         rows[variant.key] = {
-            "label": variant.label, "accuracy": accuracy[variant.key],
+            "label": variant.label,
+            "accuracy": accuracy[variant.key],
             "gap_points": None if peer is None else accuracy[variant.key] - accuracy[peer],
             "flips_vs_peer": None if peer is None else flips(answers[variant.key], answers[peer]),
             "flips_vs_reference": flips(answers[variant.key], answers[REFERENCE]),
@@ -181,8 +186,7 @@ def variant_rows(items: list[EncodedItem], answers: dict[str, list[int]], stats:
     return rows
 
 
-def evaluate_task(base_dir: Path, adapter_dir: Path, items: list[EncodedItem], pad_id: int,
-                  batch_size: int) -> dict:
+def evaluate_task(base_dir: Path, adapter_dir: Path, items: list[EncodedItem], pad_id: int, batch_size: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="fidelity-") as scratch:
         ws = Workspace(base_dir, adapter_dir, Path(scratch))
         models = {v.key: v.build(ws, v.dtype) for v in VARIANTS}
@@ -208,13 +212,17 @@ def run(args: argparse.Namespace) -> dict:
     base_dir = build_demo_model(cache_dir)
     adapters = build_demo_adapters(cache_dir, base_dir)
     tokenizer = load_tokenizer(base_dir)
-    record = {"machine": machine_info(), "command": args.command, "items_per_task": args.items,
-              "torch_threads": torch.get_num_threads(), "tasks": {}}
+    record = {
+        "machine": machine_info(),
+        "command": args.command,
+        "items_per_task": args.items,
+        "torch_threads": torch.get_num_threads(),
+        "tasks": {},
+    }
     start = time.perf_counter()
     for task in args.tasks:
         items = task_items(tokenizer, task, args.items)
-        record["tasks"][task] = evaluate_task(base_dir, adapters[task], items, pad_token_id(tokenizer),
-                                              args.batch_size)
+        record["tasks"][task] = evaluate_task(base_dir, adapters[task], items, pad_token_id(tokenizer), args.batch_size)
         print(summary_lines(task, record["tasks"][task]), flush=True)
     record["seconds"] = time.perf_counter() - start
     record["load_average_end"] = machine_info()["load_average"]
@@ -225,8 +233,10 @@ def summary_lines(task: str, result: dict) -> str:
     lines = [f"{task} ({result['items']} items)"]
     for key, row in result["variants"].items():
         gap = "" if row["gap_points"] is None else f"  gap {row['gap_points']:+.2f} pts ({row['flips_vs_peer']} flips)"
-        lines.append(f"  {key:14s} acc {row['accuracy']:6.2f}%{gap}  max|Δlogit| {row['max_abs_logit_diff']:.3e}"
-                     f"  KL {row['mean_kl']:.2e}  top-1 {row['top1_agreement']:.2%}")
+        lines.append(
+            f"  {key:14s} acc {row['accuracy']:6.2f}%{gap}  max|Δlogit| {row['max_abs_logit_diff']:.3e}"
+            f"  KL {row['mean_kl']:.2e}  top-1 {row['top1_agreement']:.2%}"
+        )
     return "\n".join(lines)
 
 

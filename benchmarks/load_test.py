@@ -101,11 +101,16 @@ def run_clients(server: Server, references: References, args) -> list[Row]:
 
 def load_figures(rows: list[Row], concurrency: int, seconds: float) -> dict:
     latencies = sorted(seconds for _, status, seconds, _ in rows if status == 200)
-    return {"requests": len(rows), "concurrency": concurrency, "seconds": seconds,
-            "statuses": dict(Counter(status for _, status, _, _ in rows)),
-            "mismatches": sum(wrong for *_, wrong in rows),
-            "by_endpoint": {endpoint: by_endpoint(rows, endpoint) for endpoint in ENDPOINTS},
-            "p50": percentile(latencies, 50), "p95": percentile(latencies, 95)}
+    return {
+        "requests": len(rows),
+        "concurrency": concurrency,
+        "seconds": seconds,
+        "statuses": dict(Counter(status for _, status, _, _ in rows)),
+        "mismatches": sum(wrong for *_, wrong in rows),
+        "by_endpoint": {endpoint: by_endpoint(rows, endpoint) for endpoint in ENDPOINTS},
+        "p50": percentile(latencies, 50),
+        "p95": percentile(latencies, 95),
+    }
 
 
 def by_endpoint(rows: list[Row], endpoint: str) -> dict:
@@ -149,12 +154,21 @@ def overload_phase(server: Server, references: References) -> dict:
     refused = sorted(seconds for status, seconds, _, _ in results if status == 429)
     server_p50, server_max = fastest_bounds(before, latency_buckets(server.url), len(refused))
     served = sorted(seconds for status, seconds, _, _ in results if status == 200)
-    return {"burst": len(asks), "statuses": dict(Counter(status for status, *_ in results)),
-            "served_wrong": sum(s == 200 and not matches(references, a, t) for a, (s, _, _, t) in zip(asks, results)),
-            "refused_p50": percentile(refused, 50), "refused_max": max(refused, default=0.0),
-            "server_refused_p50": server_p50, "server_refused_max": server_max,
-            "served_min": min(served, default=0.0), "served_max": max(served, default=0.0),
-            "retry_after": all(r for status, _, r, _ in results if status == 429), **recovery(server, references)}
+    return {
+        "burst": len(asks),
+        "statuses": dict(Counter(status for status, *_ in results)),
+        "served_wrong": sum(
+            s == 200 and not matches(references, a, t) for a, (s, _, _, t) in zip(asks, results, strict=True)
+        ),
+        "refused_p50": percentile(refused, 50),
+        "refused_max": max(refused, default=0.0),
+        "server_refused_p50": server_p50,
+        "server_refused_max": server_max,
+        "served_min": min(served, default=0.0),
+        "served_max": max(served, default=0.0),
+        "retry_after": all(r for status, _, r, _ in results if status == 429),
+        **recovery(server, references),
+    }
 
 
 def recovery(server: Server, references: References) -> dict:
@@ -180,15 +194,21 @@ def disconnect_phase(server: Server) -> dict:
                 next(response.iter_lines())
     start = time.perf_counter()
     running, waiting = server.wait_idle(60)
-    return {"dropped": dropped, "running_after": running, "waiting_after": waiting,
-            "freed_s": time.perf_counter() - start}
+    return {
+        "dropped": dropped,
+        "running_after": running,
+        "waiting_after": waiting,
+        "freed_s": time.perf_counter() - start,
+    }
 
 
 def kill9_phase(server: Server, artifacts: dict, references: References) -> dict:
     """kill -9 while a merge runs, an upload trickles in and requests swap adapters; then restart and check."""
     stop = threading.Event()
-    workers = [threading.Thread(target=swapping, args=(server, stop)),
-               threading.Thread(target=trickled_upload, args=(server, "trickle", b"{}", stop))]
+    workers = [
+        threading.Thread(target=swapping, args=(server, stop)),
+        threading.Thread(target=trickled_upload, args=(server, "trickle", b"{}", stop)),
+    ]
     for worker in workers:
         worker.start()
     time.sleep(2.0)
@@ -200,10 +220,13 @@ def kill9_phase(server: Server, artifacts: dict, references: References) -> dict
     start = time.perf_counter()
     server.start()
     records = adapter_records(server)
-    return {"merge cut": accepted and records["cut"]["status"] == "failed",
-            "upload cut": "trickle" not in records,
-            "no temp files": all(not list(p.iterdir()) for p in (server.data_dir / "tmp").iterdir() if p.is_dir()),
-            "references after restart": answers_match(server, references), "restart_s": time.perf_counter() - start}
+    return {
+        "merge cut": accepted and records["cut"]["status"] == "failed",
+        "upload cut": "trickle" not in records,
+        "no temp files": all(not list(p.iterdir()) for p in (server.data_dir / "tmp").iterdir() if p.is_dir()),
+        "references after restart": answers_match(server, references),
+        "restart_s": time.perf_counter() - start,
+    }
 
 
 def engine_death_phase(server: Server) -> dict:
@@ -246,46 +269,65 @@ def bad_input_phase(server: Server, artifacts: dict, scratch: Path, count: int) 
             statuses[post_adapter(server, {"name": "hostile"}, {"archive": f}).status_code] += 1
     for authorization in ("Bearer", "Bearer wrong", "Basic abc", "Bearer " + "x" * 10_000):
         statuses[httpx.get(f"{server.url}/adapters", headers={"Authorization": authorization}).status_code] += 1
-    return {"tried": sum(statuses.values()), "statuses": dict(statuses),
-            "5xx": sum(n for s, n in statuses.items() if s >= 500)}
+    return {
+        "tried": sum(statuses.values()),
+        "statuses": dict(statuses),
+        "5xx": sum(n for s, n in statuses.items() if s >= 500),
+    }
 
 
 def report(args, load: dict, overload: dict, drops: dict, kill9: dict, death: dict | None, bad: dict) -> str:
-    lines = ["# Hardening: load, faults and hostile input", "",
-             f"`{command(args)}` — {args.engine} engine, demo model SmolLM2-135M-Instruct fp32, 3 random D²-LoRA "
-             f"adapters (q/v, q/k/v/o, o), max_num_seqs {MAX_NUM_SEQS}, max_waiting {MAX_WAITING}, 2-core CPU shared "
-             f"with other work (latencies are noisy; compare within a run; {args.machine_load} at start). "
-             "Every figure and every RSS sample is in hardening.json beside this page.", ""]
+    lines = [
+        "# Hardening: load, faults and hostile input",
+        "",
+        f"`{command(args)}` — {args.engine} engine, demo model SmolLM2-135M-Instruct fp32, 3 random D²-LoRA "
+        f"adapters (q/v, q/k/v/o, o), max_num_seqs {MAX_NUM_SEQS}, max_waiting {MAX_WAITING}, 2-core CPU shared "
+        f"with other work (latencies are noisy; compare within a run; {args.machine_load} at start). "
+        "Every figure and every RSS sample is in hardening.json beside this page.",
+        "",
+    ]
     lines += load_rows(load) + [""] + overload_rows(overload) + [""] + fault_rows(drops, kill9, death) + [""]
-    lines += ["| hostile input | |", "|---|---|", f"| bad bodies, names, archives, tokens tried | {bad['tried']} |",
-              f"| status counts | {bad['statuses']} |", f"| 5xx | {bad['5xx']} |", ""]
+    lines += [
+        "| hostile input | |",
+        "|---|---|",
+        f"| bad bodies, names, archives, tokens tried | {bad['tried']} |",
+        f"| status counts | {bad['statuses']} |",
+        f"| 5xx | {bad['5xx']} |",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def command(args) -> str:
-    return (f"python -m benchmarks.load_test --engine {args.engine} --duration {args.duration:g} "
-            f"--concurrency {args.concurrency} --max-requests {args.max_requests} --bad-bodies {args.bad_bodies} "
-            f"--warm-up {args.warm_up:g} --rss-every {args.rss_every:g}")
+    return (
+        f"python -m benchmarks.load_test --engine {args.engine} --duration {args.duration:g} "
+        f"--concurrency {args.concurrency} --max-requests {args.max_requests} --bad-bodies {args.bad_bodies} "
+        f"--warm-up {args.warm_up:g} --rss-every {args.rss_every:g}"
+    )
 
 
 def load_rows(load: dict) -> list[str]:
     per_endpoint = ", ".join(f"{e} {n['mismatches']} of {n['requests']}" for e, n in load["by_endpoint"].items())
-    return ["| load | |", "|---|---|",
-            f"| requests / concurrency / duration | {load['requests']} / {load['concurrency']} / "
-            f"{load['seconds']:.0f} s |",
-            f"| status counts | {load['statuses']} |",
-            f"| answers ≠ reference (SPEC §6) | {load['mismatches']} ({per_endpoint}; streamed or not) |",
-            f"| latency p50 / p95 | {load['p50']:.2f} s / {load['p95']:.2f} s |",
-            f"| server RSS after warm-up → end | {load['rss_after_warm_up']:.0f} MiB → {load['rss_end']:.0f} MiB |",
-            f"| server RSS peak / slope after warm-up | {load['rss_peak']:.0f} MiB / {slope_text(load)} |"]
+    return [
+        "| load | |",
+        "|---|---|",
+        f"| requests / concurrency / duration | {load['requests']} / {load['concurrency']} / {load['seconds']:.0f} s |",
+        f"| status counts | {load['statuses']} |",
+        f"| answers ≠ reference (SPEC §6) | {load['mismatches']} ({per_endpoint}; streamed or not) |",
+        f"| latency p50 / p95 | {load['p50']:.2f} s / {load['p95']:.2f} s |",
+        f"| server RSS after warm-up → end | {load['rss_after_warm_up']:.0f} MiB → {load['rss_end']:.0f} MiB |",
+        f"| server RSS peak / slope after warm-up | {load['rss_peak']:.0f} MiB / {slope_text(load)} |",
+    ]
 
 
 def slope_text(load: dict) -> str:
     slope, alone = load["rss_slope_mib_per_min"], load["server_alone_slope_mib_per_min"]
     if slope is None:
         return "n/a (under two samples after warm-up)"
-    return (f"{slope:+.1f} MiB/min over {load['rss_samples_after_warm_up']} samples "
-            f"(server process alone {alone:+.1f}, the rest its engine core)")
+    return (
+        f"{slope:+.1f} MiB/min over {load['rss_samples_after_warm_up']} samples "
+        f"(server process alone {alone:+.1f}, the rest its engine core)"
+    )
 
 
 def ms(seconds: float) -> str:
@@ -293,25 +335,31 @@ def ms(seconds: float) -> str:
 
 
 def overload_rows(o: dict) -> list[str]:
-    return ["| overload | |", "|---|---|",
-            f"| burst (completions + chats) / status counts | {o['burst']} / {o['statuses']} |",
-            f"| served answers ≠ reference | {o['served_wrong']} |",
-            f"| 429 answered in p50 / max (client; connections opened before the burst) | {ms(o['refused_p50'])} / "
-            f"{ms(o['refused_max'])} (served requests took {o['served_min']:.2f}–{o['served_max']:.2f} s) |",
-            f"| 429 answered in p50 / max, server side (d2lora_request_latency_seconds buckets) | "
-            f"≤ {ms(o['server_refused_p50'])} / ≤ {ms(o['server_refused_max'])} |",
-            f"| every 429 has Retry-After | {o['retry_after']} |",
-            f"| recovered by itself (idle + correct answers) | {o['recovered']} in {o['recovered_s']:.1f} s |"]
+    return [
+        "| overload | |",
+        "|---|---|",
+        f"| burst (completions + chats) / status counts | {o['burst']} / {o['statuses']} |",
+        f"| served answers ≠ reference | {o['served_wrong']} |",
+        f"| 429 answered in p50 / max (client; connections opened before the burst) | {ms(o['refused_p50'])} / "
+        f"{ms(o['refused_max'])} (served requests took {o['served_min']:.2f}–{o['served_max']:.2f} s) |",
+        f"| 429 answered in p50 / max, server side (d2lora_request_latency_seconds buckets) | "
+        f"≤ {ms(o['server_refused_p50'])} / ≤ {ms(o['server_refused_max'])} |",
+        f"| every 429 has Retry-After | {o['retry_after']} |",
+        f"| recovered by itself (idle + correct answers) | {o['recovered']} in {o['recovered_s']:.1f} s |",
+    ]
 
 
 def fault_rows(drops: dict, kill9: dict, death: dict | None) -> list[str]:
     survived = [name for name, ok in kill9.items() if ok is True]
-    return ["| faults | |", "|---|---|",
-            f"| streams dropped mid-way → running / waiting after | {drops['dropped']} → "
-            f"{drops['running_after']:.0f} / {drops['waiting_after']:.0f} (in {drops['freed_s']:.1f} s) |",
-            f"| kill -9 during merge + upload + swaps, survived | {', '.join(survived)} "
-            f"({len(survived)}/4; restart {kill9['restart_s']:.0f} s) |",
-            f"| engine-core process killed | {engine_death_line(death)} |"]
+    return [
+        "| faults | |",
+        "|---|---|",
+        f"| streams dropped mid-way → running / waiting after | {drops['dropped']} → "
+        f"{drops['running_after']:.0f} / {drops['waiting_after']:.0f} (in {drops['freed_s']:.1f} s) |",
+        f"| kill -9 during merge + upload + swaps, survived | {', '.join(survived)} "
+        f"({len(survived)}/4; restart {kill9['restart_s']:.0f} s) |",
+        f"| engine-core process killed | {engine_death_line(death)} |",
+    ]
 
 
 def engine_death_line(death: dict | None) -> str:
@@ -350,9 +398,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="d2lora-load-") as scratch:
         scratch = Path(scratch)
         artifacts, references = build_adapters(base, scratch / "adapters")
-        server = Server(base, scratch / "data", scratch, engine=args.engine, D2LORA_MAX_NUM_SEQS=str(MAX_NUM_SEQS),
-                        D2LORA_MAX_WAITING=str(MAX_WAITING), D2LORA_TIME_SLICE_S="0.5", D2LORA_HOST="127.0.0.1",
-                        D2LORA_MAX_UPLOAD_BYTES=str(UPLOAD_CAP))
+        server = Server(
+            base,
+            scratch / "data",
+            scratch,
+            engine=args.engine,
+            D2LORA_MAX_NUM_SEQS=str(MAX_NUM_SEQS),
+            D2LORA_MAX_WAITING=str(MAX_WAITING),
+            D2LORA_TIME_SLICE_S="0.5",
+            D2LORA_HOST="127.0.0.1",
+            D2LORA_MAX_UPLOAD_BYTES=str(UPLOAD_CAP),
+        )
         (scratch / "data").mkdir()
         server.start()
         try:
@@ -368,8 +424,15 @@ def main() -> None:
             server.kill()
     text = report(args, load, overload, drops, kill9, death, bad)
     print(text)
-    figures = {"command": command(args), "load": load, "overload": overload, "disconnects": drops, "kill -9": kill9,
-               "engine death": death, "bad inputs": bad}
+    figures = {
+        "command": command(args),
+        "load": load,
+        "overload": overload,
+        "disconnects": drops,
+        "kill -9": kill9,
+        "engine death": death,
+        "bad inputs": bad,
+    }
     write_atomic(args.results / "hardening.json", json.dumps(figures, indent=1, default=str) + "\n")
     write_atomic(args.results / "hardening.md", text)
 

@@ -21,15 +21,24 @@ from tests.adapters import write_random_adapter
 from tests.hardening.server import INFERENCE_HEADERS
 from tests.service.conftest import hf_greedy
 
-ADAPTERS = {"qv": (["q_proj", "v_proj"], 1), "qkvo": (["q_proj", "k_proj", "v_proj", "o_proj"], 2),
-            "o": (["o_proj"], 3)}
-LONG = ("The lighthouse keeper climbed the spiral stairs every evening, counting the steps, listening to the sea "
-        "against the rocks below, and thinking about the ships that passed in the night. ") * 6
+ADAPTERS = {
+    "qv": (["q_proj", "v_proj"], 1),
+    "qkvo": (["q_proj", "k_proj", "v_proj", "o_proj"], 2),
+    "o": (["o_proj"], 3),
+}
+LONG = (
+    "The lighthouse keeper climbed the spiral stairs every evening, counting the steps, listening to the sea "
+    "against the rocks below, and thinking about the ships that passed in the night. "
+) * 6
 PROMPTS = ("The capital of France is", "def fibonacci(n):", LONG + "What did the keeper count?")
-CHATS = ([{"role": "user", "content": "What is the capital of France?"}],
-         [{"role": "system", "content": "You answer with code only."},
-          {"role": "user", "content": "Write a Python function that returns the n-th Fibonacci number."}],
-         [{"role": "user", "content": LONG + "What did the keeper count?"}])
+CHATS = (
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [
+        {"role": "system", "content": "You answer with code only."},
+        {"role": "user", "content": "Write a Python function that returns the n-th Fibonacci number."},
+    ],
+    [{"role": "user", "content": LONG + "What did the keeper count?"}],
+)
 ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 MAX_TOKENS = 16
 
@@ -61,8 +70,10 @@ def chat_prompts(base: Path) -> tuple[str, ...]:
 
 
 def reference_answers(model_dir: Path, chat_texts: tuple[str, ...]) -> dict[str, list[str]]:
-    return {"completions": hf_greedy(model_dir, PROMPTS, MAX_TOKENS),
-            "chat": hf_greedy(model_dir, chat_texts, MAX_TOKENS)}
+    return {
+        "completions": hf_greedy(model_dir, PROMPTS, MAX_TOKENS),
+        "chat": hf_greedy(model_dir, chat_texts, MAX_TOKENS),
+    }
 
 
 def build_adapters(base: Path, root: Path) -> tuple[dict[str, Path], References]:
@@ -118,5 +129,9 @@ def matches(references: References, ask: Ask, text: str) -> bool:
 
 def every_ask(references: References) -> list[Ask]:
     """Each model, endpoint and prompt once, not streamed (the warm-up, and the recovery check)."""
-    return [Ask(model, endpoint, index, False) for model in references for endpoint in ENDPOINTS
-            for index in range(len(PROMPTS))]
+    return [
+        Ask(model, endpoint, index, False)
+        for model in references
+        for endpoint in ENDPOINTS
+        for index in range(len(PROMPTS))
+    ]

@@ -41,5 +41,7 @@ def machine_info() -> dict:
 
 def machine_line(info: dict) -> str:
     """'2 CPUs (AMD EPYC), 23.5 GiB RAM, load 11.3 at start, 2026-11-29' for captions."""
-    return (f"{info['nproc']} CPUs ({info['cpu_model']}), {info['ram_gib']:.1f} GiB RAM, "
-            f"1-min load {info['load_average'][0]:.1f} at start, {info['date']}")
+    return (
+        f"{info['nproc']} CPUs ({info['cpu_model']}), {info['ram_gib']:.1f} GiB RAM, "
+        f"1-min load {info['load_average'][0]:.1f} at start, {info['date']}"
+    )

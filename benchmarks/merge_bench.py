@@ -79,10 +79,16 @@ class BaseShape:
     def llama_config(self):
         from transformers import LlamaConfig
 
-        return LlamaConfig(hidden_size=self.hidden, intermediate_size=self.intermediate,
-                           num_hidden_layers=self.layers, num_attention_heads=self.heads,
-                           num_key_value_heads=self.heads, vocab_size=self.vocab,
-                           tie_word_embeddings=False, dtype="float32")
+        return LlamaConfig(
+            hidden_size=self.hidden,
+            intermediate_size=self.intermediate,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.heads,
+            vocab_size=self.vocab,
+            tie_word_embeddings=False,
+            dtype="float32",
+        )
 
 
 def state_dict_specs(shape: BaseShape) -> list[TensorSpec]:
@@ -136,6 +142,7 @@ def write_adapters(work_dir: Path, base_dir: Path, r: int) -> dict[str, Path]:
 
 # The jobs, each run in a fresh interpreter by benchmarks.common.run_job.
 
+
 def plain_copy(base: str, out: str, adapter: str | None = None) -> None:
     """The I/O floor: every shard loaded whole and saved again, plus the index."""
     base_dir, out_dir = Path(base), Path(out)
@@ -172,8 +179,13 @@ class Method:
 METHODS = (
     Method("copy", "plain copy: `load_file` + `save_file` per shard", f"{JOB_MODULE}:plain_copy", None),
     Method("ours-d2lora", "**d2lora merge**, D²-LoRA r=16 q/k/v/o", f"{JOB_MODULE}:our_merge", "D2LORA", is_ours=True),
-    Method("peft-dora", "PEFT `merge_and_unload` + `save_pretrained`, DoRA r=16", f"{JOB_MODULE}:peft_merge", "DORA",
-           preload=("transformers", "peft", "transformers.models.llama.modeling_llama")),
+    Method(
+        "peft-dora",
+        "PEFT `merge_and_unload` + `save_pretrained`, DoRA r=16",
+        f"{JOB_MODULE}:peft_merge",
+        "DORA",
+        preload=("transformers", "peft", "transformers.models.llama.modeling_llama"),
+    ),
     Method("ours-dora", "**d2lora merge**, same DoRA r=16", f"{JOB_MODULE}:our_merge", "DORA", is_ours=True),
 )
 COMPARED = ("peft-dora", "ours-dora")  # outputs compared tensor by tensor after the last round
@@ -182,13 +194,13 @@ COMPARED = ("peft-dora", "ours-dora")  # outputs compared tensor by tensor after
 def run_method(method: Method, base: Path, adapters: dict[str, Path], out: Path) -> Measurement:
     shutil.rmtree(out, ignore_errors=True)
     flush_writes()
-    kwargs = {"base": str(base), "out": str(out),
-              "adapter": str(adapters[method.adapter]) if method.adapter else None}
+    kwargs = {"base": str(base), "out": str(out), "adapter": str(adapters[method.adapter]) if method.adapter else None}
     return run_job(method.job, kwargs, preload=method.preload)
 
 
-def measure_all(methods: list[Method], base: Path, adapters: dict[str, Path], work_dir: Path,
-                rounds: int) -> dict[str, list[Measurement]]:
+def measure_all(
+    methods: list[Method], base: Path, adapters: dict[str, Path], work_dir: Path, rounds: int
+) -> dict[str, list[Measurement]]:
     """One untimed warm-up per method, then `rounds` interleaved rounds; outputs deleted after each run."""
     runs: dict[str, list[Measurement]] = {m.key: [] for m in methods}
     for round_index in range(rounds + 1):
@@ -197,8 +209,11 @@ def measure_all(methods: list[Method], base: Path, adapters: dict[str, Path], wo
             measurement = run_method(method, base, adapters, out)
             if round_index > 0:
                 runs[method.key].append(measurement)
-            print(f"round {round_index}{' (warm-up)' if round_index == 0 else ''} {method.key}: "
-                  f"{measurement.seconds:.2f} s, peak RSS {measurement.peak_rss_bytes / MIB:.0f} MiB", flush=True)
+            print(
+                f"round {round_index}{' (warm-up)' if round_index == 0 else ''} {method.key}: "
+                f"{measurement.seconds:.2f} s, peak RSS {measurement.peak_rss_bytes / MIB:.0f} MiB",
+                flush=True,
+            )
             if round_index < rounds or method.key not in COMPARED:
                 shutil.rmtree(out, ignore_errors=True)
     return runs
@@ -229,8 +244,16 @@ def table_rows(medians: dict[str, Measurement], checkpoint_bytes: int) -> list[l
     for method in (m for m in METHODS if m.key in medians):
         m = medians[method.key]
         ratio, share = m.seconds / floor, m.peak_rss_bytes / checkpoint_bytes
-        rows.append([method.label, f"{m.seconds:.2f}", f"{ratio:.2f}", f"{m.peak_rss_bytes / MIB:.0f}",
-                     f"{100 * share:.0f}%", f"{m.baseline_rss_bytes / MIB:.0f}"])
+        rows.append(
+            [
+                method.label,
+                f"{m.seconds:.2f}",
+                f"{ratio:.2f}",
+                f"{m.peak_rss_bytes / MIB:.0f}",
+                f"{100 * share:.0f}%",
+                f"{m.baseline_rss_bytes / MIB:.0f}",
+            ]
+        )
     return rows
 
 
@@ -241,46 +264,67 @@ def verdicts(medians: dict[str, Measurement], checkpoint_bytes: int) -> list[str
         m = medians[method.key]
         time_ok = m.seconds / floor <= TIME_TARGET
         rss_ok = m.peak_rss_bytes / checkpoint_bytes <= RSS_TARGET
-        lines.append(f"- {method.key}: time ≤ {TIME_TARGET}× copy {'met' if time_ok else 'MISSED'}, "
-                     f"peak RSS ≤ {RSS_TARGET:.0%} of checkpoint {'met' if rss_ok else 'MISSED'}")
+        lines.append(
+            f"- {method.key}: time ≤ {TIME_TARGET}× copy {'met' if time_ok else 'MISSED'}, "
+            f"peak RSS ≤ {RSS_TARGET:.0%} of checkpoint {'met' if rss_ok else 'MISSED'}"
+        )
     return lines
 
 
 def comparison_line(comparison: dict | None) -> str:
     if comparison is None:
         return "DoRA output, ours vs PEFT: not compared (both methods must run)."
-    return (f"DoRA output, ours vs PEFT: max abs diff {comparison['max_abs_diff']:.3g} over "
-            f"{comparison['tensors']} tensors ({comparison['identical']} bit-identical).")
+    return (
+        f"DoRA output, ours vs PEFT: max abs diff {comparison['max_abs_diff']:.3g} over "
+        f"{comparison['tensors']} tensors ({comparison['identical']} bit-identical)."
+    )
 
 
-def render(medians: dict[str, Measurement], base: Path, shape: BaseShape, rounds: int, loads: list[str],
-           comparison: dict, command: str) -> str:
+def render(
+    medians: dict[str, Measurement],
+    base: Path,
+    shape: BaseShape,
+    rounds: int,
+    loads: list[str],
+    comparison: dict,
+    command: str,
+) -> str:
     checkpoint_bytes = dir_bytes(base, "*.safetensors")
     shards = len(list(base.glob("*.safetensors")))
-    headers = ["method", "wall s (median)", "÷ plain copy", "peak RSS MiB", "RSS % of checkpoint",
-               "of which imports MiB"]
-    return "\n".join([
-        "# Merge benchmark",
-        "",
-        f"Synthetic Llama-shaped fp32 checkpoint `{shape.tag}`: {checkpoint_bytes / 1e9:.2f} GB "
-        f"({checkpoint_bytes / MIB:.0f} MiB) in {shards} shards. Each method ran in a fresh subprocess "
-        f"reporting its own peak RSS (VmHWM, read at exit); one untimed warm-up each (page cache warm for all), then medians of "
-        f"{rounds} interleaved rounds. Wall time is the job alone (library imports excluded); peak RSS is the "
-        f"whole process, imports included (last column). Our merge fsyncs every shard before its atomic rename; "
-        f"the plain copy and PEFT do not (their dirty pages are flushed, untimed, before the next job).",
-        "",
-        markdown_table(headers, table_rows(medians, checkpoint_bytes)),
-        "",
-        f"Targets (ours): merge time ≤ {TIME_TARGET}× the plain copy, peak RSS ≤ {RSS_TARGET:.0%} of the checkpoint.",
-        *verdicts(medians, checkpoint_bytes),
-        "",
-        comparison_line(comparison),
-        "",
-        f"Machine: 2 shared CPU cores, taken under load from other work ({loads[0]} at start, {loads[1]} at end); "
-        f"{datetime.date.today().isoformat()}.",
-        f"Command: `{command}`",
-        "",
-    ])
+    headers = [
+        "method",
+        "wall s (median)",
+        "÷ plain copy",
+        "peak RSS MiB",
+        "RSS % of checkpoint",
+        "of which imports MiB",
+    ]
+    return "\n".join(
+        [
+            "# Merge benchmark",
+            "",
+            f"Synthetic Llama-shaped fp32 checkpoint `{shape.tag}`: {checkpoint_bytes / 1e9:.2f} GB "
+            f"({checkpoint_bytes / MIB:.0f} MiB) in {shards} shards. Each method ran in a fresh subprocess "
+            f"reporting its own peak RSS (VmHWM, read at exit); one untimed warm-up each (page cache warm for all), "
+            f"then medians of "
+            f"{rounds} interleaved rounds. Wall time is the job alone (library imports excluded); peak RSS is the "
+            f"whole process, imports included (last column). Our merge fsyncs every shard before its atomic rename; "
+            f"the plain copy and PEFT do not (their dirty pages are flushed, untimed, before the next job).",
+            "",
+            markdown_table(headers, table_rows(medians, checkpoint_bytes)),
+            "",
+            f"Targets (ours): merge time ≤ {TIME_TARGET}× the plain copy, "
+            f"peak RSS ≤ {RSS_TARGET:.0%} of the checkpoint.",
+            *verdicts(medians, checkpoint_bytes),
+            "",
+            comparison_line(comparison),
+            "",
+            f"Machine: 2 shared CPU cores, taken under load from other work ({loads[0]} at start, {loads[1]} at end); "
+            f"{datetime.date.today().isoformat()}.",
+            f"Command: `{command}`",
+            "",
+        ]
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -290,8 +334,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, default=BaseShape.hidden, help="hidden size of the synthetic base")
     parser.add_argument("--intermediate", type=int, default=BaseShape.intermediate, help="MLP size")
     parser.add_argument("--vocab", type=int, default=BaseShape.vocab, help="vocabulary size")
-    parser.add_argument("--methods", default=",".join(m.key for m in METHODS),
-                        help="comma-separated subset of: " + ", ".join(m.key for m in METHODS) + " (copy is required)")
+    parser.add_argument(
+        "--methods",
+        default=",".join(m.key for m in METHODS),
+        help="comma-separated subset of: " + ", ".join(m.key for m in METHODS) + " (copy is required)",
+    )
     parser.add_argument("--r", type=int, default=16, help="adapter rank")
     parser.add_argument("--work-dir", type=Path, default=WORK_DIR, help="where the base and outputs go")
     parser.add_argument("--results", type=Path, default=RESULTS_PATH, help="markdown file for the table")

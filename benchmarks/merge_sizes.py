@@ -65,10 +65,15 @@ def measure_size(shape: BaseShape, rounds: int, work_dir: Path) -> dict:
             if index:
                 runs[key].append(measurement)
     medians = {key: median_measurement(values) for key, values in runs.items()}
-    return {"tag": shape.tag, "checkpoint_bytes": dir_bytes(base, "*.safetensors"),
-            **{f"{key}_s": m.seconds for key, m in medians.items()},
-            **{f"{key}_peak_rss_bytes": m.peak_rss_bytes for key, m in medians.items()},
-            "import_rss_bytes": medians["merge"].baseline_rss_bytes, "base": str(base), "adapter": str(adapter)}
+    return {
+        "tag": shape.tag,
+        "checkpoint_bytes": dir_bytes(base, "*.safetensors"),
+        **{f"{key}_s": m.seconds for key, m in medians.items()},
+        **{f"{key}_peak_rss_bytes": m.peak_rss_bytes for key, m in medians.items()},
+        "import_rss_bytes": medians["merge"].baseline_rss_bytes,
+        "base": str(base),
+        "adapter": str(adapter),
+    }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -90,8 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     record = {"machine": machine_info(), "command": args.command, "rounds": args.rounds, "rank": RANK, "sizes": []}
     for name in args.sizes:
         row = measure_size(SHAPES[name], args.rounds, args.work_dir)
-        print(f"{name}: {row['checkpoint_bytes'] / 1e9:.2f} GB  merge {row['merge_s']:.2f} s  copy {row['copy_s']:.2f} s",
-              flush=True)
+        print(
+            f"{name}: {row['checkpoint_bytes'] / 1e9:.2f} GB  merge {row['merge_s']:.2f} s  copy {row['copy_s']:.2f} s",
+            flush=True,
+        )
         record["sizes"].append({"name": name, **row})
         if args.drop_bases:
             shutil.rmtree(row["base"], ignore_errors=True)

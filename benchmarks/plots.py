@@ -16,8 +16,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks.machine import machine_line  # noqa: E402
 
-PATH_LABELS = {"unmerged-recompute": "unmerged,\nnorm recomputed", "unmerged-cached": "unmerged,\nscale cached",
-               "merged-hf": "merged,\ntransformers", "merged-vllm": "merged,\nvLLM"}
+PATH_LABELS = {
+    "unmerged-recompute": "unmerged,\nnorm recomputed",
+    "unmerged-cached": "unmerged,\nscale cached",
+    "merged-hf": "merged,\ntransformers",
+    "merged-vllm": "merged,\nvLLM",
+}
 GAP_VARIANTS = ("merged-fp32", "merged-bf16", "naive-bf16")
 
 
@@ -50,14 +54,17 @@ def throughput_figure(record: dict, path: Path) -> Path:
     medians = record["medians"]
     paths = [p for p in PATH_LABELS if p in medians]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
-    for ax, key, unit in zip(axes, ("items_per_s", "tokens_per_s"), ("items/s (multiple-choice scoring)",
-                                                                      "generated tokens/s (greedy)")):
+    keys = ("items_per_s", "tokens_per_s")
+    units = ("items/s (multiple-choice scoring)", "generated tokens/s (greedy)")
+    for ax, key, unit in zip(axes, keys, units, strict=True):
         series = {f"batch {b}": [medians[p][b][key] for p in paths] for b in ("1", "16")}
         _grouped_bars(ax, [PATH_LABELS[p] for p in paths], series, ".1f")
         ax.set_ylabel(unit)
         ax.legend(fontsize=8)
-    fig.suptitle(f"Evaluation throughput, demo model {record['dtype']}, adapter {record['task']} "
-                 f"(median over {record['rounds']} round(s), paths interleaved)")
+    fig.suptitle(
+        f"Evaluation throughput, demo model {record['dtype']}, adapter {record['task']} "
+        f"(median over {record['rounds']} round(s), paths interleaved)"
+    )
     return save(fig, path, record)
 
 
@@ -84,8 +91,12 @@ def swap_figure(record: dict, path: Path) -> Path:
     copy_ms = sorted(1e3 * s for s in record["copy_s"])
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.hist(swaps_ms, bins=min(20, len(swaps_ms)), color="tab:blue", alpha=0.8, label="swap (plan + load_weights)")
-    ax.axvline(copy_ms[len(copy_ms) // 2], color="tab:red", linestyle="--",
-               label=f"in-memory copy of the same {record['swap_bytes'] / 1e6:.0f} MB (median)")
+    ax.axvline(
+        copy_ms[len(copy_ms) // 2],
+        color="tab:red",
+        linestyle="--",
+        label=f"in-memory copy of the same {record['swap_bytes'] / 1e6:.0f} MB (median)",
+    )
     ax.set_xlabel("ms")
     ax.set_ylabel("swaps")
     ax.legend(fontsize=8)
@@ -105,6 +116,7 @@ def merge_sizes_figure(record: dict, path: Path) -> Path:
     rss_ax.set(xlabel="fp32 checkpoint GB", ylabel="peak RSS MiB (imports included)")
     for ax in (time_ax, rss_ax):
         ax.legend(fontsize=8)
-    fig.suptitle(f"Merge time and memory vs model size (synthetic Llama-shaped checkpoints, "
-                 f"median of {record['rounds']})")
+    fig.suptitle(
+        f"Merge time and memory vs model size (synthetic Llama-shaped checkpoints, median of {record['rounds']})"
+    )
     return save(fig, path, record)

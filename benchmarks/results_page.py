@@ -18,8 +18,10 @@ def load_note(record: dict) -> str:
     start, end = record["machine"]["load_average"][0], record.get("load_average_end", [0.0])[0]
     nproc = record["machine"]["nproc"]
     busy = max(start, end) > nproc
-    return (f"ran {'UNDER LOAD from other work' if busy else 'on an otherwise quiet machine'}: 1-min load "
-            f"{start:.1f} at start, {end:.1f} at end, on {nproc} CPUs")
+    return (
+        f"ran {'UNDER LOAD from other work' if busy else 'on an otherwise quiet machine'}: 1-min load "
+        f"{start:.1f} at start, {end:.1f} at end, on {nproc} CPUs"
+    )
 
 
 def provenance(record: dict) -> str:
@@ -35,22 +37,42 @@ def gaps(fidelity: dict, variant: str) -> list[float]:
 
 
 def fidelity_rows(task: dict) -> list[list[str]]:
-    return [[row["label"], f"{row['accuracy']:.2f}", pct(row["gap_points"], "+.2f"),
-             pct(row["flips_vs_peer"], "d"), str(row["flips_vs_reference"]), f"{row['max_abs_logit_diff']:.2e}", f"{row['mean_kl']:.2e}",
-             f"{100 * row['top1_agreement']:.2f}%"] for row in task["variants"].values()]
+    return [
+        [
+            row["label"],
+            f"{row['accuracy']:.2f}",
+            pct(row["gap_points"], "+.2f"),
+            pct(row["flips_vs_peer"], "d"),
+            str(row["flips_vs_reference"]),
+            f"{row['max_abs_logit_diff']:.2e}",
+            f"{row['mean_kl']:.2e}",
+            f"{100 * row['top1_agreement']:.2f}%",
+        ]
+        for row in task["variants"].values()
+    ]
 
 
 def fidelity_section(fidelity: dict) -> list[str]:
-    headers = ["variant", "accuracy %", "gap vs unmerged, same dtype (pts)", "answers flipped vs that",
-               "answers ≠ fp32 unmerged",
-               "max abs Δlogit vs fp32 unmerged", "mean KL (nats)", "top-1 agreement"]
-    lines = ["## Fidelity: merged vs unmerged accuracy", "",
-             "Each demo task's D²-LoRA adapter (trained by `build_demo_adapters`) answers held-out multiple-choice "
-             "items, each choice scored by the sum of its tokens' log-probabilities after the prompt (the paper's QA "
-             "setup). Logit statistics are taken against the unmerged fp32 model at every position that predicts a "
-             "choice token. `naive-bf16` computes Ŵ with every operation in bf16 (what a tool that casts first "
-             "does; benchmark code only), `merged-bf16` is `d2lora merge --dtype bfloat16` (fp32 maths, one cast).",
-             ""]
+    headers = [
+        "variant",
+        "accuracy %",
+        "gap vs unmerged, same dtype (pts)",
+        "answers flipped vs that",
+        "answers ≠ fp32 unmerged",
+        "max abs Δlogit vs fp32 unmerged",
+        "mean KL (nats)",
+        "top-1 agreement",
+    ]
+    lines = [
+        "## Fidelity: merged vs unmerged accuracy",
+        "",
+        "Each demo task's D²-LoRA adapter (trained by `build_demo_adapters`) answers held-out multiple-choice "
+        "items, each choice scored by the sum of its tokens' log-probabilities after the prompt (the paper's QA "
+        "setup). Logit statistics are taken against the unmerged fp32 model at every position that predicts a "
+        "choice token. `naive-bf16` computes Ŵ with every operation in bf16 (what a tool that casts first "
+        "does; benchmark code only), `merged-bf16` is `d2lora merge --dtype bfloat16` (fp32 maths, one cast).",
+        "",
+    ]
     for name, task in fidelity["tasks"].items():
         lines += [f"### {name} ({task['items']} items)", "", markdown_table(headers, fidelity_rows(task)), ""]
     return lines + ["![accuracy gap per task](results/accuracy_gap.png)", "", provenance(fidelity), ""]
@@ -60,31 +82,61 @@ def throughput_rows(record: dict) -> list[list[str]]:
     rows = []
     for path, by_batch in record["medians"].items():
         one, sixteen = by_batch["1"], by_batch["16"]
-        rows.append([PATH_LABELS[path].replace("\n", " "), f"{one['items_per_s']:.2f}", f"{sixteen['items_per_s']:.2f}",
-                     f"{one['tokens_per_s']:.1f}", f"{sixteen['tokens_per_s']:.1f}", f"{sixteen['accuracy']:.1f}",
-                     str(record["answer_flips_vs_merged_hf"][path])])
+        rows.append(
+            [
+                PATH_LABELS[path].replace("\n", " "),
+                f"{one['items_per_s']:.2f}",
+                f"{sixteen['items_per_s']:.2f}",
+                f"{one['tokens_per_s']:.1f}",
+                f"{sixteen['tokens_per_s']:.1f}",
+                f"{sixteen['accuracy']:.1f}",
+                str(record["answer_flips_vs_merged_hf"][path]),
+            ]
+        )
     return rows
 
 
 def ratio_rows(record: dict) -> list[list[str]]:
-    return [[pair, f"{r['1']['items_per_s']:.2f}×", f"{r['16']['items_per_s']:.2f}×", f"{r['1']['tokens_per_s']:.2f}×",
-             f"{r['16']['tokens_per_s']:.2f}×"] for pair, r in record["ratios"].items()]
+    return [
+        [
+            pair,
+            f"{r['1']['items_per_s']:.2f}×",
+            f"{r['16']['items_per_s']:.2f}×",
+            f"{r['1']['tokens_per_s']:.2f}×",
+            f"{r['16']['tokens_per_s']:.2f}×",
+        ]
+        for pair, r in record["ratios"].items()
+    ]
 
 
 def throughput_section(record: dict) -> list[str]:
     b1, b16 = record["workload"]["1"], record["workload"]["16"]
-    headers = ["path", "items/s b1", "items/s b16", "tokens/s b1", "tokens/s b16", "accuracy % (b16 items)",
-               "answers ≠ merged-hf"]
+    headers = [
+        "path",
+        "items/s b1",
+        "items/s b16",
+        "tokens/s b1",
+        "tokens/s b16",
+        "accuracy % (b16 items)",
+        "answers ≠ merged-hf",
+    ]
     return [
-        "## Throughput: unmerged vs merged", "",
+        "## Throughput: unmerged vs merged",
+        "",
         f"Adapter `{record['task']}`, {record['dtype']}, median of {record['rounds']} rounds, every path and batch "
         f"interleaved in each round. Items/s: multiple-choice scoring of {b1[0]} items one at a time (b1) and "
         f"{b16[0]} items 16 at a time (b16); on vLLM the same log-likelihoods come from `prompt_logprobs`. "
         f"Tokens/s: greedy decoding of exactly {record['new_tokens']} tokens for {b1[1]} prompts one at a time (b1) "
-        f"and 16 prompts together (b16). vLLM engine start: {record['vllm_start_s']:.1f} s.", "",
-        markdown_table(headers, throughput_rows(record)), "",
-        markdown_table(["ratio", "items/s b1", "items/s b16", "tokens/s b1", "tokens/s b16"], ratio_rows(record)), "",
-        "![throughput](results/throughput.png)", "", provenance(record), "",
+        f"and 16 prompts together (b16). vLLM engine start: {record['vllm_start_s']:.1f} s.",
+        "",
+        markdown_table(headers, throughput_rows(record)),
+        "",
+        markdown_table(["ratio", "items/s b1", "items/s b16", "tokens/s b1", "tokens/s b16"], ratio_rows(record)),
+        "",
+        "![throughput](results/throughput.png)",
+        "",
+        provenance(record),
+        "",
     ]
 
 
@@ -94,28 +146,57 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def swap_section(record: dict) -> list[str]:
-    rows = [[label, f"{1e3 * percentile(v, 0.5):.1f}", f"{1e3 * percentile(v, 0.95):.1f}", f"{1e3 * max(v):.1f}"]
-            for label, v in (("swap: planner + engine.load_weights", record["swap_s"]),
-                             ("in-memory copy into preallocated buffers", record["copy_s"]),
-                             ("read from page cache + copy", record["read_copy_s"]))]
-    return ["## Hot-swap latency (vLLM engine)", "",
-            f"{len(record['swap_s'])} swaps cycling over the two demo adapters and the base "
-            f"({record['swap_bytes'] / 1e6:.0f} MB of fused q/k/v/o tensors per adapter), beside copying the same "
-            f"tensors in memory.", "",
-            markdown_table(["operation", "p50 ms", "p95 ms", "max ms"], rows), "",
-            "![swap latency](results/swap_latency.png)", "", provenance(record), ""]
+    rows = [
+        [label, f"{1e3 * percentile(v, 0.5):.1f}", f"{1e3 * percentile(v, 0.95):.1f}", f"{1e3 * max(v):.1f}"]
+        for label, v in (
+            ("swap: planner + engine.load_weights", record["swap_s"]),
+            ("in-memory copy into preallocated buffers", record["copy_s"]),
+            ("read from page cache + copy", record["read_copy_s"]),
+        )
+    ]
+    return [
+        "## Hot-swap latency (vLLM engine)",
+        "",
+        f"{len(record['swap_s'])} swaps cycling over the two demo adapters and the base "
+        f"({record['swap_bytes'] / 1e6:.0f} MB of fused q/k/v/o tensors per adapter), beside copying the same "
+        f"tensors in memory.",
+        "",
+        markdown_table(["operation", "p50 ms", "p95 ms", "max ms"], rows),
+        "",
+        "![swap latency](results/swap_latency.png)",
+        "",
+        provenance(record),
+        "",
+    ]
 
 
 def merge_sizes_section(record: dict) -> list[str]:
-    rows = [[s["tag"], f"{s['checkpoint_bytes'] / 1e9:.2f}", f"{s['copy_s']:.2f}", f"{s['merge_s']:.2f}",
-             f"{s['merge_s'] / s['copy_s']:.2f}", f"{s['merge_peak_rss_bytes'] / 2**20:.0f}",
-             f"{100 * s['merge_peak_rss_bytes'] / s['checkpoint_bytes']:.0f}%"] for s in record["sizes"]]
+    rows = [
+        [
+            s["tag"],
+            f"{s['checkpoint_bytes'] / 1e9:.2f}",
+            f"{s['copy_s']:.2f}",
+            f"{s['merge_s']:.2f}",
+            f"{s['merge_s'] / s['copy_s']:.2f}",
+            f"{s['merge_peak_rss_bytes'] / 2**20:.0f}",
+            f"{100 * s['merge_peak_rss_bytes'] / s['checkpoint_bytes']:.0f}%",
+        ]
+        for s in record["sizes"]
+    ]
     headers = ["checkpoint", "GB", "plain copy s", "merge s", "merge ÷ copy", "merge peak RSS MiB", "RSS ÷ checkpoint"]
-    return ["## Merge time vs model size", "",
-            f"D²-LoRA r={record['rank']} on q/k/v/o, synthetic Llama-shaped fp32 checkpoints; each run in a fresh "
-            f"process (peak RSS includes ~{record['sizes'][0]['import_rss_bytes'] / 2**20:.0f} MiB of imports).", "",
-            markdown_table(headers, rows), "", "![merge time vs size](results/merge_sizes.png)", "",
-            provenance(record), ""]
+    return [
+        "## Merge time vs model size",
+        "",
+        f"D²-LoRA r={record['rank']} on q/k/v/o, synthetic Llama-shaped fp32 checkpoints; each run in a fresh "
+        f"process (peak RSS includes ~{record['sizes'][0]['import_rss_bytes'] / 2**20:.0f} MiB of imports).",
+        "",
+        markdown_table(headers, rows),
+        "",
+        "![merge time vs size](results/merge_sizes.png)",
+        "",
+        provenance(record),
+        "",
+    ]
 
 
 def headline(results: dict) -> list[str]:
@@ -123,27 +204,38 @@ def headline(results: dict) -> list[str]:
     if "fidelity" in results:
         f32, b16 = gaps(results["fidelity"], "merged-fp32"), gaps(results["fidelity"], "merged-bf16")
         naive = gaps(results["fidelity"], "naive-bf16")
-        rows.append(["accuracy gap merged − unmerged (points), mean / worst over tasks", PAPER_GAP,
-                     f"fp32 {statistics.mean(f32):+.2f} / {max(f32, key=abs):+.2f}; "
-                     f"bf16 {statistics.mean(b16):+.2f} / {max(b16, key=abs):+.2f}; "
-                     f"naive bf16 merge {statistics.mean(naive):+.2f} / {max(naive, key=abs):+.2f}"])
+        rows.append(
+            [
+                "accuracy gap merged − unmerged (points), mean / worst over tasks",
+                PAPER_GAP,
+                f"fp32 {statistics.mean(f32):+.2f} / {max(f32, key=abs):+.2f}; "
+                f"bf16 {statistics.mean(b16):+.2f} / {max(b16, key=abs):+.2f}; "
+                f"naive bf16 merge {statistics.mean(naive):+.2f} / {max(naive, key=abs):+.2f}",
+            ]
+        )
     if "throughput" in results:
         t = results["throughput"]
         for pair in ("merged-hf / unmerged-recompute", "merged-vllm / unmerged-recompute"):
             r = t["ratios"][pair]
-            rows.append([f"throughput {pair} ({t['dtype']}), items/s b1 / b16; tokens/s b1 / b16",
-                         PAPER_SPEEDUP if pair.startswith("merged-hf") else "—",
-                         f"{r['1']['items_per_s']:.2f}× / {r['16']['items_per_s']:.2f}×; "
-                         f"{r['1']['tokens_per_s']:.2f}× / {r['16']['tokens_per_s']:.2f}×"])
+            rows.append(
+                [
+                    f"throughput {pair} ({t['dtype']}), items/s b1 / b16; tokens/s b1 / b16",
+                    PAPER_SPEEDUP if pair.startswith("merged-hf") else "—",
+                    f"{r['1']['items_per_s']:.2f}× / {r['16']['items_per_s']:.2f}×; "
+                    f"{r['1']['tokens_per_s']:.2f}× / {r['16']['tokens_per_s']:.2f}×",
+                ]
+            )
     return ["## Headline", "", markdown_table(["claim", "paper", "this machine"], rows), ""]
 
 
 def throughput_finding(record: dict) -> str:
     r, c = record["ratios"]["merged-hf / unmerged-recompute"], record["ratios"]["merged-hf / unmerged-cached"]
-    return (f"In this run merged ÷ recomputing-unmerged is {r['1']['tokens_per_s']:.2f}× (tokens/s, batch 1) and "
-            f"{r['16']['tokens_per_s']:.2f}× (batch 16); merged ÷ cached-scale unmerged is "
-            f"{c['1']['tokens_per_s']:.2f}× and {c['16']['tokens_per_s']:.2f}×, so most of the gain comes from not "
-            "recomputing the norm, and what is left shrinks as the batch grows and the base matmuls dominate.")
+    return (
+        f"In this run merged ÷ recomputing-unmerged is {r['1']['tokens_per_s']:.2f}× (tokens/s, batch 1) and "
+        f"{r['16']['tokens_per_s']:.2f}× (batch 16); merged ÷ cached-scale unmerged is "
+        f"{c['1']['tokens_per_s']:.2f}× and {c['16']['tokens_per_s']:.2f}×, so most of the gain comes from not "
+        "recomputing the norm, and what is left shrinks as the batch grows and the base matmuls dominate."
+    )
 
 
 def reading_notes(results: dict) -> list[str]:
@@ -203,13 +295,21 @@ def vllm_finding(throughput: dict) -> str:
 
 
 def render_page(results: dict, modules: dict[str, str], command: str, seconds: dict[str, float]) -> str:
-    sections = {"fidelity": fidelity_section, "throughput": lambda r: throughput_section(r) + swap_section(r),
-                "merge_sizes": merge_sizes_section}
+    sections = {
+        "fidelity": fidelity_section,
+        "throughput": lambda r: throughput_section(r) + swap_section(r),
+        "merge_sizes": merge_sizes_section,
+    }
     ran = ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items()) or "none (all reused)"
-    lines = ["# Benchmark results: the paper's deployment claims, reproduced here", "",
-             f"Regenerate with `{command}` (`--reuse` redraws from the JSON in `benchmarks/results/`). "
-             f"Benchmarks rerun this time: {ran}. Every section names the command behind its numbers, the machine "
-             "and the date; every figure carries the same under its title.", "", *headline(results)]
+    lines = [
+        "# Benchmark results: the paper's deployment claims, reproduced here",
+        "",
+        f"Regenerate with `{command}` (`--reuse` redraws from the JSON in `benchmarks/results/`). "
+        f"Benchmarks rerun this time: {ran}. Every section names the command behind its numbers, the machine "
+        "and the date; every figure carries the same under its title.",
+        "",
+        *headline(results),
+    ]
     lines += reading_notes(results)
     for key, render in sections.items():
         if key in results:

@@ -45,8 +45,24 @@ class Step:
 
 STEPS = (
     Step("fidelity", ("--items", "64", "--batch-size", "8"), 1800),
-    Step("throughput", ("--dtype", "bfloat16", "--rounds", "2", "--items-b1", "8", "--items-b16", "32",
-                        "--new-tokens", "16", "--swaps", "20"), 1800),
+    Step(
+        "throughput",
+        (
+            "--dtype",
+            "bfloat16",
+            "--rounds",
+            "2",
+            "--items-b1",
+            "8",
+            "--items-b16",
+            "32",
+            "--new-tokens",
+            "16",
+            "--swaps",
+            "20",
+        ),
+        1800,
+    ),
     Step("merge_sizes", ("--rounds", "2"), 1200),
 )
 FIGURES = {  # figure file -> (step whose JSON it draws, drawing function)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import uuid
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -42,8 +42,14 @@ class HfRunner(Runner):
     @torch.inference_mode()
     async def generate(self, prompts, new_tokens):
         input_ids, mask = left_padded(prompts, self.pad_id)  # (B, P)
-        out = self.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=self.pad_id)
+        out = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=self.pad_id,
+        )
         return (out.shape[1] - input_ids.shape[1]) * len(prompts)  # (B, P + new) -> tokens
 
 
@@ -79,6 +85,5 @@ class VllmRunner(Runner):
         return answers
 
     async def generate(self, prompts, new_tokens):
-        outputs = await asyncio.gather(*(self._final(list(p), max_tokens=new_tokens, ignore_eos=True)
-                                         for p in prompts))
+        outputs = await asyncio.gather(*(self._final(list(p), max_tokens=new_tokens, ignore_eos=True) for p in prompts))
         return sum(len(o.outputs[0].token_ids) for o in outputs)

@@ -14,7 +14,7 @@ pair's choice tokens on a copy of its prompt's cache.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -43,8 +43,12 @@ def encode_item(tokenizer, example: TaskExample) -> EncodedItem:
     """Tokenise every choice as training tokenises a completion; the prompt tokens are shared."""
     prompt, choices = None, []
     for choice in example.choices:
-        tokens = tokenize_pair(text_pair(_record(example, choice, tokenizer), tokenizer, example.prompt),
-                               tokenizer, MAX_LENGTH, example.prompt)
+        tokens = tokenize_pair(
+            text_pair(_record(example, choice, tokenizer), tokenizer, example.prompt),
+            tokenizer,
+            MAX_LENGTH,
+            example.prompt,
+        )
         split = tokens.labels.count(IGNORE_INDEX)
         prompt = tokens.input_ids[:split]
         choices.append(tokens.input_ids[split:])
@@ -80,8 +84,13 @@ def right_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tens
 def score_batch(model: nn.Module, items: Sequence[EncodedItem], pad_id: int) -> ScoredBatch:
     """Log-likelihood of every choice of every item, and the logits that produced them."""
     prompt_ids, prompt_mask = left_padded([item.prompt_ids for item in items], pad_id)  # (B, P)
-    prompt_out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask),
-                       use_cache=True, logits_to_keep=1)
+    prompt_out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=position_ids(prompt_mask),
+        use_cache=True,
+        logits_to_keep=1,
+    )
     last = prompt_out.logits[:, -1].float()  # (B, V): predicts each choice's first token
     owner = torch.tensor([i for i, item in enumerate(items) for _ in item.choice_ids])  # (N,) item of each pair
     cache = prompt_out.past_key_values
@@ -89,8 +98,11 @@ def score_batch(model: nn.Module, items: Sequence[EncodedItem], pad_id: int) -> 
     choice_ids, choice_mask = right_padded([c for item in items for c in item.choice_ids], pad_id)  # (N, L)
     mask = torch.cat([prompt_mask[owner], choice_mask], dim=1)  # (N, P + L)
     positions = prompt_mask.sum(dim=1)[owner, None] + torch.arange(choice_ids.shape[1])  # (N, L)
-    later = model(input_ids=choice_ids, attention_mask=mask, position_ids=positions,
-                  past_key_values=cache).logits[:, :-1].float()  # (N, L - 1, V): predicts choice tokens 1..
+    later = (
+        model(input_ids=choice_ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
+        .logits[:, :-1]
+        .float()
+    )  # (N, L - 1, V): predicts choice tokens 1..
     predicting = torch.cat([last[owner, None], later], dim=1)  # (N, L, V): position j predicts choice token j
     token_logprobs = torch.log_softmax(predicting, dim=-1).gather(-1, choice_ids[..., None]).squeeze(-1)  # (N, L)
     sums = (token_logprobs * choice_mask).sum(dim=1).tolist()  # (N,)
@@ -104,7 +116,7 @@ def _per_item(flat: list[float], items: Sequence[EncodedItem]) -> list[list[floa
 
 def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 def pad_token_id(tokenizer) -> int:

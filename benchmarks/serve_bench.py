@@ -73,8 +73,9 @@ async def one_request(scheduler: Scheduler, model: str, max_tokens: int) -> tupl
     return time.perf_counter() - start, tokens
 
 
-async def traffic(scheduler: Scheduler, models: tuple[str, ...], clients: int, duration_s: float,
-                  max_tokens: int) -> dict:
+async def traffic(
+    scheduler: Scheduler, models: tuple[str, ...], clients: int, duration_s: float, max_tokens: int
+) -> dict:
     """`clients` closed-loop clients, each sending requests one after another until `duration_s` is over.
 
     Client i's k-th request goes to models[(i + k) % len(models)], so every client spreads its own traffic
@@ -92,8 +93,12 @@ async def traffic(scheduler: Scheduler, models: tuple[str, ...], clients: int, d
     results = [r for rs in await asyncio.gather(*(client(i) for i in range(clients))) for r in rs]
     wall = time.perf_counter() - start
     latencies = [latency for latency, _ in results]
-    return {"tokens_per_s": sum(tokens for _, tokens in results) / wall, "requests": len(results),
-            "p50": percentile(latencies, 0.5), "p95": percentile(latencies, 0.95)}
+    return {
+        "tokens_per_s": sum(tokens for _, tokens in results) / wall,
+        "requests": len(results),
+        "p50": percentile(latencies, 0.5),
+        "p95": percentile(latencies, 0.95),
+    }
 
 
 async def swap_seconds(scheduler: Scheduler, files: list[Path], swaps: int) -> list[float]:
@@ -113,7 +118,7 @@ async def swap_seconds(scheduler: Scheduler, files: list[Path], swaps: int) -> l
 def copy_seconds(fused: Path, repeats: int) -> tuple[list[float], list[float]]:
     """(in-memory copy into preallocated buffers, read from the page cache + copy) of one swap's tensors."""
     with safe_open(fused, framework="pt") as f:
-        sources = {name: f.get_tensor(name) for name in f.keys()}
+        sources = {name: f.get_tensor(name) for name in f}
     buffers = {name: torch.empty_like(t) for name, t in sources.items()}
     in_memory, from_file = [], []
     for _ in range(repeats):
@@ -123,15 +128,22 @@ def copy_seconds(fused: Path, repeats: int) -> tuple[list[float], list[float]]:
         in_memory.append(time.perf_counter() - start)
         start = time.perf_counter()
         with safe_open(fused, framework="pt") as f:
-            for name in f.keys():
+            for name in f:
                 buffers[name].copy_(f.get_tensor(name))
         from_file.append(time.perf_counter() - start)
     return in_memory, from_file
 
 
 def settings_for(args: argparse.Namespace) -> Settings:
-    return Settings(engine=args.engine, dtype=args.dtype, kv_cache_gib=2, max_num_seqs=32, max_model_len=512,
-                    max_waiting=1024, time_slice_s=args.time_slice)
+    return Settings(
+        engine=args.engine,
+        dtype=args.dtype,
+        kv_cache_gib=2,
+        max_num_seqs=32,
+        max_model_len=512,
+        max_waiting=1024,
+        time_slice_s=args.time_slice,
+    )
 
 
 async def run(args: argparse.Namespace) -> str:
@@ -142,7 +154,7 @@ async def run(args: argparse.Namespace) -> str:
     start = time.perf_counter()
     scheduler = await Scheduler.create(settings, base)
     started = time.perf_counter() - start
-    for name, fused in zip(ADAPTER_NAMES, files):
+    for name, fused in zip(ADAPTER_NAMES, files, strict=True):
         await scheduler.add_model(name, fused)
     try:
         await traffic(scheduler, ADAPTER_NAMES, 2, 1.0, 4)  # warm-up: every adapter swapped in once
@@ -152,8 +164,14 @@ async def run(args: argparse.Namespace) -> str:
         await scheduler.stop()
     in_memory, from_file = copy_seconds(files[0], args.swaps)
     nbytes = files[0].stat().st_size
-    return report(args, started, rows, swaps, {"plain copy into preallocated buffers": in_memory,
-                                               "read from page cache + copy": from_file}, nbytes)
+    return report(
+        args,
+        started,
+        rows,
+        swaps,
+        {"plain copy into preallocated buffers": in_memory, "read from page cache + copy": from_file},
+        nbytes,
+    )
 
 
 async def traffic_rows(scheduler: Scheduler, args: argparse.Namespace) -> list[tuple[int, dict, dict]]:
@@ -166,24 +184,34 @@ async def traffic_rows(scheduler: Scheduler, args: argparse.Namespace) -> list[t
 
 
 def report(args, started: float, rows, swaps, baselines: dict[str, list[float]], nbytes: int) -> str:
-    lines = [f"engine {args.engine}, {args.dtype}, {args.max_tokens} tokens per request, greedy, time slice "
-             f"{args.time_slice} s; {args.duration:.0f} s of closed-loop traffic per cell; engine start "
-             f"{started:.1f} s", "",
-             "| clients | one adapter tok/s | p50 / p95 s | requests | 3 adapters tok/s | p50 / p95 s | requests "
-             "| mixed ÷ one |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"engine {args.engine}, {args.dtype}, {args.max_tokens} tokens per request, greedy, time slice "
+        f"{args.time_slice} s; {args.duration:.0f} s of closed-loop traffic per cell; engine start "
+        f"{started:.1f} s",
+        "",
+        "| clients | one adapter tok/s | p50 / p95 s | requests | 3 adapters tok/s | p50 / p95 s | requests "
+        "| mixed ÷ one |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for clients, single, mixed in rows:
-        lines.append(f"| {clients} | {single['tokens_per_s']:.1f} | {single['p50']:.2f} / {single['p95']:.2f} | "
-                     f"{single['requests']} | {mixed['tokens_per_s']:.1f} | {mixed['p50']:.2f} / {mixed['p95']:.2f} | "
-                     f"{mixed['requests']} | "
-                     f"{mixed['tokens_per_s'] / single['tokens_per_s']:.2f} (target ≥ 0.60) |")
+        lines.append(
+            f"| {clients} | {single['tokens_per_s']:.1f} | {single['p50']:.2f} / {single['p95']:.2f} | "
+            f"{single['requests']} | {mixed['tokens_per_s']:.1f} | {mixed['p50']:.2f} / {mixed['p95']:.2f} | "
+            f"{mixed['requests']} | "
+            f"{mixed['tokens_per_s'] / single['tokens_per_s']:.2f} (target ≥ 0.60) |"
+        )
     copy_p95 = percentile(baselines["plain copy into preallocated buffers"], 0.95)
-    lines += ["", f"| swap of {nbytes / 1e6:.0f} MB (120 q/k/v/o tensors) | p50 ms | p95 ms | swap p95 ÷ this |",
-              "|---|---|---|---|"]
+    lines += [
+        "",
+        f"| swap of {nbytes / 1e6:.0f} MB (120 q/k/v/o tensors) | p50 ms | p95 ms | swap p95 ÷ this |",
+        "|---|---|---|---|",
+    ]
     timed = {"scheduler swap (plan + engine.load_weights)": swaps, **baselines}
     for label, values in timed.items():
-        lines.append(f"| {label} | {1e3 * percentile(values, 0.5):.1f} | {1e3 * percentile(values, 0.95):.1f} | "
-                     f"{percentile(swaps, 0.95) / percentile(values, 0.95):.1f} |")
+        lines.append(
+            f"| {label} | {1e3 * percentile(values, 0.5):.1f} | {1e3 * percentile(values, 0.95):.1f} | "
+            f"{percentile(swaps, 0.95) / percentile(values, 0.95):.1f} |"
+        )
     lines.append(f"\nswap p95 ÷ plain copy p95 = {percentile(swaps, 0.95) / copy_p95:.1f} (target ≤ 5)")
     return "\n".join(lines)
 
@@ -201,8 +229,10 @@ def main(argv: list[str] | None = None) -> None:
     require_positive(parser, args, ["max_tokens", "swaps", "duration"])
     load_before = machine_load()
     page = asyncio.run(run(args))
-    page = (f"# Serving benchmark\n\n`{command_line('benchmarks.serve_bench', argv)}` — {load_before} at start, "
-            f"{machine_load()} at end\n\n{page}\n")
+    page = (
+        f"# Serving benchmark\n\n`{command_line('benchmarks.serve_bench', argv)}` — {load_before} at start, "
+        f"{machine_load()} at end\n\n{page}\n"
+    )
     print(page)
     write_atomic(args.out, page)
 

@@ -62,18 +62,23 @@ class RssSampler:
 def rss_summary(samples: list[tuple[float, float, float]], warm_up_s: float) -> dict:
     """RSS after warm-up (first sample at or after it), at the end, the peak, and the slopes after warm-up."""
     after = [sample for sample in samples if sample[0] >= warm_up_s] or samples[-1:]
-    return {"rss_after_warm_up": after[0][1], "rss_end": samples[-1][1], "rss_peak": max(s[1] for s in samples),
-            "rss_slope_mib_per_min": slope_per_minute([(t, total) for t, total, _ in after]),
-            "server_alone_slope_mib_per_min": slope_per_minute([(t, alone) for t, _, alone in after]),
-            "rss_samples_after_warm_up": len(after), "rss_samples": samples,
-            "rss_sample_columns": ["seconds of load", "MiB with children", "MiB server process alone"]}
+    return {
+        "rss_after_warm_up": after[0][1],
+        "rss_end": samples[-1][1],
+        "rss_peak": max(s[1] for s in samples),
+        "rss_slope_mib_per_min": slope_per_minute([(t, total) for t, total, _ in after]),
+        "server_alone_slope_mib_per_min": slope_per_minute([(t, alone) for t, _, alone in after]),
+        "rss_samples_after_warm_up": len(after),
+        "rss_samples": samples,
+        "rss_sample_columns": ["seconds of load", "MiB with children", "MiB server process alone"],
+    }
 
 
 def slope_per_minute(samples: list[tuple[float, float]]) -> float | None:
     """Least-squares MiB per minute; None with fewer than two samples."""
     if len(samples) < 2:
         return None
-    seconds, mib = zip(*samples)
+    seconds, mib = zip(*samples, strict=True)
     return 60 * statistics.linear_regression(seconds, mib).slope
 
 

@@ -80,8 +80,9 @@ def timed(call) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-async def measure(runner: Runner, items: list[EncodedItem], prompts: list[tuple[int, ...]], batch: int,
-                  new_tokens: int) -> dict:
+async def measure(
+    runner: Runner, items: list[EncodedItem], prompts: list[tuple[int, ...]], batch: int, new_tokens: int
+) -> dict:
     """items/s over `items` scored `batch` at a time; tokens/s over `prompts` generated `batch` at a time."""
     start = time.perf_counter()
     answers = [a for chunk in chunks(items, batch) for a in await runner.score(chunk)]
@@ -89,9 +90,13 @@ async def measure(runner: Runner, items: list[EncodedItem], prompts: list[tuple[
     start = time.perf_counter()
     generated = sum([await runner.generate(chunk, new_tokens) for chunk in chunks(prompts, batch)])
     generate_s = time.perf_counter() - start
-    correct = sum(a == item.answer for a, item in zip(answers, items))
-    return {"items_per_s": len(items) / score_s, "tokens_per_s": generated / generate_s,
-            "accuracy": 100 * correct / len(items), "answers": answers}
+    correct = sum(a == item.answer for a, item in zip(answers, items, strict=True))
+    return {
+        "items_per_s": len(items) / score_s,
+        "tokens_per_s": generated / generate_s,
+        "accuracy": 100 * correct / len(items),
+        "answers": answers,
+    }
 
 
 def workload(items: list[EncodedItem], batch: int, args: argparse.Namespace):
@@ -112,8 +117,11 @@ async def rounds(runners: dict[str, Runner], items: list[EncodedItem], args: arg
                 batch_items, prompts = workload(items, batch, args)
                 result = await measure(runner, batch_items, prompts, batch, args.new_tokens)
                 runs[path][str(batch)].append(result)
-                print(f"round {index} {path} batch {batch}: {result['items_per_s']:.2f} items/s, "
-                      f"{result['tokens_per_s']:.1f} tok/s, acc {result['accuracy']:.1f}%", flush=True)
+                print(
+                    f"round {index} {path} batch {batch}: {result['items_per_s']:.2f} items/s, "
+                    f"{result['tokens_per_s']:.1f} tok/s, acc {result['accuracy']:.1f}%",
+                    flush=True,
+                )
     return runs
 
 
@@ -132,26 +140,43 @@ async def swap_latencies(engine, planner: SwapPlanner, files: list[Path | None],
 
 def summarise(runs: dict) -> dict:
     """Medians over rounds per path and batch, and the merged ÷ unmerged ratios."""
-    medians = {path: {batch: {key: statistics.median(r[key] for r in results)
-                              for key in ("items_per_s", "tokens_per_s", "accuracy")}
-                      for batch, results in by_batch.items()}
-               for path, by_batch in runs.items()}
-    ratios = {f"{num} / {den}": {batch: {key: medians[num][batch][key] / medians[den][batch][key]
-                                         for key in ("items_per_s", "tokens_per_s")} for batch in medians[num]}
-              for num, den in RATIO_PAIRS if num in medians and den in medians}
+    medians = {
+        path: {
+            batch: {
+                key: statistics.median(r[key] for r in results) for key in ("items_per_s", "tokens_per_s", "accuracy")
+            }
+            for batch, results in by_batch.items()
+        }
+        for path, by_batch in runs.items()
+    }
+    ratios = {
+        f"{num} / {den}": {
+            batch: {key: medians[num][batch][key] / medians[den][batch][key] for key in ("items_per_s", "tokens_per_s")}
+            for batch in medians[num]
+        }
+        for num, den in RATIO_PAIRS
+        if num in medians and den in medians
+    }
     return {"medians": medians, "ratios": ratios}
 
 
-RATIO_PAIRS = (("merged-hf", "unmerged-recompute"), ("merged-hf", "unmerged-cached"),
-               ("unmerged-cached", "unmerged-recompute"), ("merged-vllm", "unmerged-recompute"),
-               ("merged-vllm", "merged-hf"))
+RATIO_PAIRS = (
+    ("merged-hf", "unmerged-recompute"),
+    ("merged-hf", "unmerged-cached"),
+    ("unmerged-cached", "unmerged-recompute"),
+    ("merged-vllm", "unmerged-recompute"),
+    ("merged-vllm", "merged-hf"),
+)
 
 
 def answer_agreement(runs: dict, reference: str = "merged-hf") -> dict:
     """Per path, how many of the largest workload's answers differ from the reference path's (last round)."""
     batch = str(BATCHES[-1])
     ref = runs[reference][batch][-1]["answers"]
-    return {path: sum(a != b for a, b in zip(by_batch[batch][-1]["answers"], ref)) for path, by_batch in runs.items()}
+    return {
+        path: sum(a != b for a, b in zip(by_batch[batch][-1]["answers"], ref, strict=True))
+        for path, by_batch in runs.items()
+    }
 
 
 async def start_vllm(base_dir: Path, args: argparse.Namespace):
@@ -176,14 +201,22 @@ async def run(args: argparse.Namespace) -> dict:
     adapters = build_demo_adapters(cache_dir, base_dir)
     tokenizer = load_tokenizer(base_dir)
     items = [encode_item(tokenizer, e) for e in DEMO_TASKS[TASK].examples("eval", max(args.items_b1, args.items_b16))]
-    record = {"machine": machine_info(), "command": args.command, "dtype": args.dtype, "task": TASK,
-              "new_tokens": args.new_tokens, "rounds": args.rounds, "torch_threads": torch.get_num_threads(),
-              "vllm_threads_bind": os.environ["VLLM_CPU_OMP_THREADS_BIND"],
-              "workload": {"1": [args.items_b1, args.prompts_b1], "16": [args.items_b16, 16]}}
+    record = {
+        "machine": machine_info(),
+        "command": args.command,
+        "dtype": args.dtype,
+        "task": TASK,
+        "new_tokens": args.new_tokens,
+        "rounds": args.rounds,
+        "torch_threads": torch.get_num_threads(),
+        "vllm_threads_bind": os.environ["VLLM_CPU_OMP_THREADS_BIND"],
+        "workload": {"1": [args.items_b1, args.prompts_b1], "16": [args.items_b16, 16]},
+    }
     with tempfile.TemporaryDirectory(prefix="throughput-") as scratch:
         fused = {task: fused_tensors(base_dir, path, args.dtype, Path(scratch)) for task, path in adapters.items()}
-        runners = hf_runners(base_dir, adapters[TASK], fused[TASK][0], getattr(torch, args.dtype),
-                             pad_token_id(tokenizer))
+        runners = hf_runners(
+            base_dir, adapters[TASK], fused[TASK][0], getattr(torch, args.dtype), pad_token_id(tokenizer)
+        )
         engine, record["vllm_start_s"] = await start_vllm(base_dir, args)
         try:
             planner = SwapPlanner(engine.base)

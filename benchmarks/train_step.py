@@ -50,8 +50,12 @@ class Variant:
 
 
 def variants(r: int) -> list[Variant]:
-    return [Variant(f"D²-LoRA r={r}", "d2lora", r), Variant(f"LoRA r={r}", "lora", r),
-            Variant(f"LoRA r={2 * r} (matched params)", "lora", 2 * r), Variant(f"DoRA r={r} (PEFT)", "dora", r)]
+    return [
+        Variant(f"D²-LoRA r={r}", "d2lora", r),
+        Variant(f"LoRA r={r}", "lora", r),
+        Variant(f"LoRA r={2 * r} (matched params)", "lora", 2 * r),
+        Variant(f"DoRA r={r} (PEFT)", "dora", r),
+    ]
 
 
 def make_trainer(base: Path, variant: Variant, lr: float, total_steps: int, seed: int) -> Trainer:
@@ -84,7 +88,7 @@ def time_steps(base: Path, args) -> dict:
     samples = {n: {v.label: [] for v in chosen} for n in args.lengths}
     deadline, rounds = time.monotonic() + args.budget_s, 0
     while rounds < args.max_rounds and (rounds == 0 or time.monotonic() < deadline):
-        order = chosen[rounds % len(chosen):] + chosen[:rounds % len(chosen)]
+        order = chosen[rounds % len(chosen) :] + chosen[: rounds % len(chosen)]
         for n in args.lengths:
             for v in order:
                 samples[n][v.label].append(timed_step(trainers[v.label], inputs[n]))
@@ -98,19 +102,26 @@ def step_rows(samples: dict, reference: str) -> list[dict]:
     for n, per_label in samples.items():
         ref = per_label[reference]
         for label, runs in per_label.items():
-            rows.append({"tokens": n, "method": label,
-                         "wall_s": statistics.median(w for w, _ in runs),
-                         "cpu_s": statistics.median(c for _, c in runs),
-                         "cpu_ratio": statistics.median(c / rc for (_, c), (_, rc) in zip(runs, ref)),
-                         "wall_ratio": statistics.median(w / rw for (w, _), (rw, _) in zip(runs, ref)),
-                         "rounds": len(runs)})
+            rows.append(
+                {
+                    "tokens": n,
+                    "method": label,
+                    "wall_s": statistics.median(w for w, _ in runs),
+                    "cpu_s": statistics.median(c for _, c in runs),
+                    "cpu_ratio": statistics.median(c / rc for (_, c), (_, rc) in zip(runs, ref, strict=True)),
+                    "wall_ratio": statistics.median(w / rw for (w, _), (rw, _) in zip(runs, ref, strict=True)),
+                    "rounds": len(runs),
+                }
+            )
     return rows
 
 
 def task_batches(base: Path, task: str, batch_size: int, steps: int, seed: int) -> list[dict[str, torch.Tensor]]:
     tokenizer = load_tokenizer(base)
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_jsonl(Path(tmp) / "train.jsonl", [e.to_record() for e in DEMO_TASKS[task].examples("train", TRAIN_SIZE)])
+        path = write_jsonl(
+            Path(tmp) / "train.jsonl", [e.to_record() for e in DEMO_TASKS[task].examples("train", TRAIN_SIZE)]
+        )
         examples = load_examples(path, tokenizer, max_length=256)
     planned = [b for epoch in range(steps) for b in batches(examples, batch_size, seed, epoch)][:steps]
     return [collate(b, tokenizer.pad_token_id) for b in planned]
@@ -123,8 +134,15 @@ def volatility_rows(args) -> list[dict]:
     for v in [x for x in variants(args.r) if x.r == args.r]:
         trainer = make_trainer(base, v, args.lr, len(data), args.seed)
         losses = [trainer.step(batch)[0] for batch in data]
-        rows.append({"method": v.label, "volatility": loss_volatility(losses), "first_loss": losses[0],
-                     "final_loss": losses[-1], "steps": len(losses)})
+        rows.append(
+            {
+                "method": v.label,
+                "volatility": loss_volatility(losses),
+                "first_loss": losses[0],
+                "final_loss": losses[-1],
+                "steps": len(losses),
+            }
+        )
         print(f"volatility {v.label}: {rows[-1]['volatility']:.4f}", flush=True)
     return rows
 
@@ -132,8 +150,19 @@ def volatility_rows(args) -> list[dict]:
 def render_step_time(step: list[dict], args) -> str:
     table = markdown_table(
         ["tokens/step", "method", "wall s/step", "CPU s/step", "× LoRA r (CPU)", "× LoRA r (wall)", "rounds"],
-        [(f"{args.batch_size}×{r['tokens']}", r["method"], f"{r['wall_s']:.2f}", f"{r['cpu_s']:.2f}",
-          f"{r['cpu_ratio']:.2f}", f"{r['wall_ratio']:.2f}", r["rounds"]) for r in step])
+        [
+            (
+                f"{args.batch_size}×{r['tokens']}",
+                r["method"],
+                f"{r['wall_s']:.2f}",
+                f"{r['cpu_s']:.2f}",
+                f"{r['cpu_ratio']:.2f}",
+                f"{r['wall_ratio']:.2f}",
+                r["rounds"],
+            )
+            for r in step
+        ],
+    )
     return f"### Step time, {args.base.name} fp32, one optimiser step\n\n{table}\n"
 
 
@@ -141,18 +170,30 @@ def render_volatility(vol: list[dict], args) -> str:
     lora = next(r["volatility"] for r in vol if r["method"].startswith("LoRA"))
     table = markdown_table(
         ["method", "loss volatility (std of Δloss)", "vs LoRA", "first → final loss"],
-        [(r["method"], f"{r['volatility']:.4f}", f"{r['volatility'] / lora - 1:+.0%}",
-          f"{r['first_loss']:.3f} → {r['final_loss']:.3f}") for r in vol])
-    return (f"### Training-loss volatility, task {args.task}, {args.volatility_steps} steps of "
-            f"batch {args.volatility_batch}, lr {args.lr}\n\n{table}\n")
+        [
+            (
+                r["method"],
+                f"{r['volatility']:.4f}",
+                f"{r['volatility'] / lora - 1:+.0%}",
+                f"{r['first_loss']:.3f} → {r['final_loss']:.3f}",
+            )
+            for r in vol
+        ],
+    )
+    return (
+        f"### Training-loss volatility, task {args.task}, {args.volatility_steps} steps of "
+        f"batch {args.volatility_batch}, lr {args.lr}\n\n{table}\n"
+    )
 
 
 def step_time_rows(args) -> list[dict]:
     return step_rows(time_steps(args.base, args), variants(args.r)[1].label)
 
 
-PARTS = {"step-time": (step_time_rows, render_step_time, "train_step.json"),
-         "volatility": (volatility_rows, render_volatility, "train_volatility.json")}
+PARTS = {
+    "step-time": (step_time_rows, render_step_time, "train_step.json"),
+    "volatility": (volatility_rows, render_volatility, "train_volatility.json"),
+}
 
 
 def run_part(name: str, args) -> str:
@@ -160,8 +201,11 @@ def run_part(name: str, args) -> str:
     measure, render, filename = PARTS[name]
     load_before = machine_load()
     rows = measure(args)
-    record = {"rows": rows, "command": command_line("benchmarks.train_step", args.argv),
-              "load": f"{load_before} at start, {machine_load()} at end"}
+    record = {
+        "rows": rows,
+        "command": command_line("benchmarks.train_step", args.argv),
+        "load": f"{load_before} at start, {machine_load()} at end",
+    }
     write_atomic(args.results_dir / filename, json.dumps(record, indent=2))
     return render(rows, args)
 

@@ -152,7 +152,10 @@ def read_tar(path: Path, limits: ArchiveLimits) -> ArtifactFiles:
         sizes = {name: m.size for name, m in members.items()}
         _check_totals(sizes, limits)
         config_name, weights_name = _pick(sizes)
-        read = lambda n: _read_capped(tar.extractfile(members[n]), n, limits.max_member_bytes)
+
+        def read(name: str) -> bytes:
+            return _read_capped(tar.extractfile(members[name]), name, limits.max_member_bytes)
+
         return ArtifactFiles(read(config_name), read(weights_name))
 
 
@@ -212,6 +215,14 @@ def read_artifact_files(path: str | Path, limits: ArchiveLimits = DEFAULT_LIMITS
             return read_zip(path, limits)
         if is_tar(path):
             return read_tar(path, limits)
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error, lzma.LZMAError, NotImplementedError) as err:
+    except (
+        tarfile.TarError,
+        zipfile.BadZipFile,
+        EOFError,
+        OSError,
+        zlib.error,
+        lzma.LZMAError,
+        NotImplementedError,
+    ) as err:
         raise ArtifactError(f"{path.name}: corrupt archive ({err})") from None
     raise ArtifactError(f"{path.name}: not a folder, .tar.gz or .zip archive")

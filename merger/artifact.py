@@ -48,7 +48,7 @@ def _split_key(key: str, kind: AdapterKind) -> tuple[str, str]:
     """'base_model.model.P.lora_A.weight' -> ('P', 'lora_A.weight')."""
     if not key.startswith(KEY_PREFIX):
         raise ArtifactError(f"tensor {key!r}: name must start with {KEY_PREFIX!r}")
-    body = key[len(KEY_PREFIX):]
+    body = key[len(KEY_PREFIX) :]
     for suffix in (*FACTOR_ALIASES, *kind.factor_names):
         name = FACTOR_ALIASES.get(suffix, suffix)
         if body.endswith("." + suffix) and name in kind.factor_names:

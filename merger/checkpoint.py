@@ -29,10 +29,18 @@ SINGLE_NAME = "model.safetensors"
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
 
 DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -78,13 +86,20 @@ def read_header(path: Path) -> tuple[dict, int]:
 
 
 def _is_index_list(value, length: int | None = None) -> bool:
-    return (isinstance(value, list) and (length is None or len(value) == length)
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value))
+    return (
+        isinstance(value, list)
+        and (length is None or len(value) == length)
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    )
 
 
 def _stored_tensor(path: Path, name: str, info, data_start: int, file_size: int) -> StoredTensor:
     """One header entry, checked: known dtype, offsets that match the shape and lie inside the file."""
-    if not isinstance(info, dict) or not _is_index_list(info.get("shape")) or not _is_index_list(info.get("data_offsets"), 2):
+    if (
+        not isinstance(info, dict)
+        or not _is_index_list(info.get("shape"))
+        or not _is_index_list(info.get("data_offsets"), 2)
+    ):
         raise CheckpointError(f"{path.name}: tensor {name!r} has a malformed header entry")
     if info.get("dtype") not in DTYPES:
         raise CheckpointError(f"{path.name}: tensor {name!r} has unsupported dtype {info.get('dtype')}")
@@ -231,7 +246,11 @@ def _header_bytes(specs: list[TensorSpec]) -> bytes:
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for spec in specs:
-        header[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+        header[spec.name] = {
+            "dtype": spec.dtype,
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
         offset += spec.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
@@ -263,7 +282,7 @@ class ShardWriter:
         raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
         view = memoryview(raw)
         while view:
-            view = view[os.write(self.fd, view):]
+            view = view[os.write(self.fd, view) :]
 
     def copy(self, name: str, reader: CheckpointReader) -> None:
         spec = self._expect(name)

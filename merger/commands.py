@@ -33,8 +33,10 @@ def _size(text: str) -> int:
 
 def run_merge(args: argparse.Namespace) -> int:
     result = merge(args.base, args.adapter, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size)
-    print(f"merged {result.fused_modules} modules into {result.out_dir} "
-          f"({result.tensors} tensors, {result.bytes_written / 1e6:.1f} MB, {result.seconds:.2f} s)")
+    print(
+        f"merged {result.fused_modules} modules into {result.out_dir} "
+        f"({result.tensors} tensors, {result.bytes_written / 1e6:.1f} MB, {result.seconds:.2f} s)"
+    )
     return 0
 
 

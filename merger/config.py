@@ -126,7 +126,9 @@ class AdapterConfig:
     def _check_layer_selection(self) -> None:
         if isinstance(self.exclude_modules, str):
             _check_regex("exclude_modules", self.exclude_modules)
-        elif not isinstance(self.exclude_modules, tuple) or not all(isinstance(m, str) and m for m in self.exclude_modules):
+        elif not isinstance(self.exclude_modules, tuple) or not all(
+            isinstance(m, str) and m for m in self.exclude_modules
+        ):
             raise AdapterConfigError("exclude_modules: must be a list of module names or a regular expression")
         layers = self.layers_to_transform
         if not all(_is_int(i) and i >= 0 for i in (layers if isinstance(layers, tuple) else (layers,))):

@@ -87,7 +87,7 @@ def row_norm(w: torch.Tensor) -> torch.Tensor:
 
 def adapted_row_norm(w0: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """n′ = ‖W0 + ΔW‖_row in float64, a block of rows at a time, never forming W′.  (out, in) -> (out, 1)."""
-    blocks = zip(row_blocks(w0), row_blocks(delta))
+    blocks = zip(row_blocks(w0), row_blocks(delta), strict=True)
     return torch.cat([row_norm(w.to(COMPUTE_DTYPE) + d) for w, d in blocks])
 
 
@@ -133,9 +133,7 @@ def dora_row_scale(w0: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tenso
     return norm_ratio(magnitude.reshape(-1, 1), adapted_row_norm(w0, delta))
 
 
-def fuse(
-    w0: torch.Tensor, delta: torch.Tensor, row_scale: torch.Tensor | None, add_residual: bool
-) -> torch.Tensor:
+def fuse(w0: torch.Tensor, delta: torch.Tensor, row_scale: torch.Tensor | None, add_residual: bool) -> torch.Tensor:
     """Ŵ = s ⊙ (W0 + ΔW) + c·ΔW in fp32.  w0, delta: (out, in); row_scale: (out, 1) or None.
 
     For merging only (not differentiable in row_scale): after W′ = W0 + ΔW is

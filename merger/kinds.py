@@ -124,16 +124,20 @@ class D2LoraKind(AdapterKind):
     def delta(self, module):
         f = module.factors
         return formula.d2lora_delta(
-            f["lora_A.weight"], f["lora_B.weight"],
-            f["lora_A_neg.weight"], f["lora_B_neg.weight"],
-            module.scaling, module.tau,
+            f["lora_A.weight"],
+            f["lora_B.weight"],
+            f["lora_A_neg.weight"],
+            f["lora_B_neg.weight"],
+            module.scaling,
+            module.tau,
         )
 
     def stacked_factors(self, module: ModuleAdapter) -> tuple[torch.Tensor, torch.Tensor]:
         """A = [A₊; A₋] (2r, in), B = [B₊, −τB₋] (out, 2r), so ΔW = scaling · B A (formula.d2lora_factors)."""
         f = module.factors
-        return formula.d2lora_factors(f["lora_A.weight"], f["lora_B.weight"],
-                                      f["lora_A_neg.weight"], f["lora_B_neg.weight"], module.tau)
+        return formula.d2lora_factors(
+            f["lora_A.weight"], f["lora_B.weight"], f["lora_A_neg.weight"], f["lora_B_neg.weight"], module.tau
+        )
 
     def delta_forward(self, x, module):
         a, b = self.stacked_factors(module)  # (2r, in), (out, 2r)

@@ -143,8 +143,9 @@ def _cast_fused(fused: torch.Tensor, dtype: torch.dtype, module: ModuleAdapter) 
     return cast
 
 
-def _write_tensor(writer: ShardWriter, reader: CheckpointReader, spec: TensorSpec,
-                  module: ModuleAdapter | None, kind: AdapterKind) -> None:
+def _write_tensor(
+    writer: ShardWriter, reader: CheckpointReader, spec: TensorSpec, module: ModuleAdapter | None, kind: AdapterKind
+) -> None:
     stored = reader.tensors[spec.name].spec
     if module is not None:
         fused = kind.fuse(reader.read(spec.name), module)  # fp32, stored layout
@@ -155,14 +156,23 @@ def _write_tensor(writer: ShardWriter, reader: CheckpointReader, spec: TensorSpe
         writer.write(spec.name, reader.read(spec.name).to(DTYPES[spec.dtype]))
 
 
-def write_merged_shards(reader: CheckpointReader, kind: AdapterKind, bound: list[ModuleAdapter], out_dir: Path,
-                        dtype: torch.dtype | None, max_shard_bytes: int, progress: bool | None) -> tuple[int, int]:
+def write_merged_shards(
+    reader: CheckpointReader,
+    kind: AdapterKind,
+    bound: list[ModuleAdapter],
+    out_dir: Path,
+    dtype: torch.dtype | None,
+    max_shard_bytes: int,
+    progress: bool | None,
+) -> tuple[int, int]:
     """Stream every tensor into size-capped shards; returns (tensors, bytes)."""
     modules = {m.weight_key: m for m in bound}
     specs = [_output_spec(t.spec, dtype) for t in reader.tensors.values()]
     shards = plan_shards(specs, max_shard_bytes)
     total = sum(s.nbytes for s in specs)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=None if progress is None else not progress) as bar:
+    with tqdm(
+        total=total, unit="B", unit_scale=True, desc="merge", disable=None if progress is None else not progress
+    ) as bar:
         for i, shard in enumerate(shards):
             with ShardWriter(out_dir / shard_name(i, len(shards)), shard) as writer:
                 for spec in shard:
@@ -181,13 +191,26 @@ def check_float_targets(reader: CheckpointReader, bound: list[ModuleAdapter]) ->
 
 
 def _provenance(adapter: Adapter, adapter_path: Path, base_dir: Path, dtype: str) -> dict:
-    return {"adapter": str(adapter_path), "base": str(base_dir), "kind": adapter.kind.name,
-            "dtype": dtype, "modules": sorted(adapter.modules), "config": adapter.config.to_dict()}
+    return {
+        "adapter": str(adapter_path),
+        "base": str(base_dir),
+        "kind": adapter.kind.name,
+        "dtype": dtype,
+        "modules": sorted(adapter.modules),
+        "config": adapter.config.to_dict(),
+    }
 
 
-def merge(base_dir: str | Path, adapter_path: str | Path, out_dir: str | Path, dtype: str = "auto",
-          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool | None = None,
-          limits: ArchiveLimits = DEFAULT_LIMITS, threads: int | None = MERGE_THREADS) -> MergeResult:
+def merge(
+    base_dir: str | Path,
+    adapter_path: str | Path,
+    out_dir: str | Path,
+    dtype: str = "auto",
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    progress: bool | None = None,
+    limits: ArchiveLimits = DEFAULT_LIMITS,
+    threads: int | None = MERGE_THREADS,
+) -> MergeResult:
     """Fuse the adapter into the base and write a standalone checkpoint at out_dir.
 
     `threads`: torch intra-op threads for the fusing maths (None keeps torch's setting).
@@ -204,8 +227,9 @@ def merge(base_dir: str | Path, adapter_path: str | Path, out_dir: str | Path, d
     try:
         with atomic_output_dir(out_dir) as tmp:
             with intra_op_threads(threads):
-                tensors, nbytes = write_merged_shards(reader, adapter.kind, bound, tmp, target_dtype, max_shard_bytes,
-                                                      progress)
+                tensors, nbytes = write_merged_shards(
+                    reader, adapter.kind, bound, tmp, target_dtype, max_shard_bytes, progress
+                )
             copy_side_files(base_dir, tmp, target_dtype)
             provenance = _provenance(adapter, adapter_path, base_dir, dtype)
             (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2) + "\n")

@@ -92,8 +92,13 @@ def greedy_continuations(model: nn.Module, probes: ProbeBatch, new_tokens: int =
     tokens = [out.logits[:, -1].argmax(dim=-1, keepdim=True)]  # [(probes, 1)]
     for _ in range(new_tokens - 1):
         mask = torch.cat([mask, torch.ones_like(tokens[-1])], dim=1)
-        out = model(input_ids=tokens[-1], attention_mask=mask, position_ids=position_ids(mask)[:, -1:],
-                    past_key_values=out.past_key_values, use_cache=True)
+        out = model(
+            input_ids=tokens[-1],
+            attention_mask=mask,
+            position_ids=position_ids(mask)[:, -1:],
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
         tokens.append(out.logits[:, -1].argmax(dim=-1, keepdim=True))
     return torch.cat(tokens, dim=1)  # (probes, new_tokens)
 

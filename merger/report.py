@@ -31,8 +31,9 @@ import math
 import operator
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -69,7 +70,7 @@ class Thresholds:
                 raise ThresholdError(f"{field.name}: must be in [0, {upper}], got {value!r}")
 
     @classmethod
-    def for_dtype(cls, dtype: torch.dtype) -> "Thresholds":
+    def for_dtype(cls, dtype: torch.dtype) -> Thresholds:
         try:
             return DEFAULT_THRESHOLDS[dtype]
         except KeyError:
@@ -157,7 +158,7 @@ class EquivalenceReport:
             return 0.0 if self.dtype_floor is None else self.dtype_floor.top1_agreement - self.logits.top1_agreement
         return getattr(self.logits, name)
 
-    def judged(self) -> "EquivalenceReport":
+    def judged(self) -> EquivalenceReport:
         """A copy with `failures` filled in from the thresholds."""
         failures = list(self.tensor_name_problems)
         for check in CHECKS:
@@ -220,14 +221,18 @@ class EquivalenceReport:
         if self.dtype_floor is None:
             return []
         f = self.dtype_floor
-        return [f"  dtype floor, base alone float32 vs {self.merged_dtype}: top-1 {f.top1_agreement:.2%}   "
-                f"max |Δlogit| {f.max_abs_logit_diff:.3e}   mean KL {f.mean_kl:.3e}   "
-                f"top-1 drop vs base {self.metric('top1_drop_vs_base'):+.2%}"]
+        return [
+            f"  dtype floor, base alone float32 vs {self.merged_dtype}: top-1 {f.top1_agreement:.2%}   "
+            f"max |Δlogit| {f.max_abs_logit_diff:.3e}   mean KL {f.mean_kl:.3e}   "
+            f"top-1 drop vs base {self.metric('top1_drop_vs_base'):+.2%}"
+        ]
 
     def _weight_lines(self) -> list[str]:
         worst = self.worst_module()
-        lines = [f"  weights: {len(self.weight_errors)} adapted modules, "
-                 f"untouched tensors max |Δ| {self.max_untouched_abs_diff:.3e}"]
+        lines = [
+            f"  weights: {len(self.weight_errors)} adapted modules, "
+            f"untouched tensors max |Δ| {self.max_untouched_abs_diff:.3e}"
+        ]
         if worst is not None:
             name, err = worst
             lines.append(f"  worst module {name}: max |Δ| {err.max_abs:.3e}  relative {err.relative:.3e}")

@@ -88,8 +88,12 @@ def model_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def apply_unmerged(model: nn.Module, adapter: Adapter, recompute_scale: bool = False,
-                   base_shapes: dict[str, tuple[int, ...]] | None = None) -> nn.Module:
+def apply_unmerged(
+    model: nn.Module,
+    adapter: Adapter,
+    recompute_scale: bool = False,
+    base_shapes: dict[str, tuple[int, ...]] | None = None,
+) -> nn.Module:
     """Replace every module the adapter targets by an UnmergedLinear, in place; returns the model.
 
     base_shapes (e.g. CheckpointReader(base_dir).shapes()) validates the adapter
@@ -103,8 +107,9 @@ def apply_unmerged(model: nn.Module, adapter: Adapter, recompute_scale: bool = F
     return model
 
 
-def load_unmerged(base_dir: str | Path, adapter: Adapter, dtype: torch.dtype = torch.float32,
-                  recompute_scale: bool = False) -> nn.Module:
+def load_unmerged(
+    base_dir: str | Path, adapter: Adapter, dtype: torch.dtype = torch.float32, recompute_scale: bool = False
+) -> nn.Module:
     """The base checkpoint in `dtype` (float32: the adapter's exact function) with the adapter unmerged."""
     from transformers import AutoModelForCausalLM
 

@@ -17,8 +17,8 @@ import dataclasses
 import gc
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -28,8 +28,14 @@ from merger.checkpoint import DTYPES, CheckpointReader
 from merger.errors import D2LoraError
 from merger.kinds import AdapterKind, ModuleAdapter
 from merger.merge import merge, resolve_dtype
-from merger.probes import NEW_TOKENS, ProbeBatch, build_probes, greedy_continuations, load_tokenizer
-from merger.probes import teacher_forced_logits
+from merger.probes import (
+    NEW_TOKENS,
+    ProbeBatch,
+    build_probes,
+    greedy_continuations,
+    load_tokenizer,
+    teacher_forced_logits,
+)
 from merger.report import EquivalenceReport, LogitMetrics, Thresholds, WeightError
 from merger.unmerged import load_unmerged
 
@@ -55,8 +61,9 @@ def _run_reference(base_dir: Path, adapter: Adapter, probes: ProbeBatch) -> Mode
     return ModelRun(greedy, teacher_forced_logits(model, probes, greedy))
 
 
-def _run_checkpoint(folder: Path, dtype: torch.dtype, probes: ProbeBatch,
-                    forced: torch.Tensor | None = None) -> ModelRun:
+def _run_checkpoint(
+    folder: Path, dtype: torch.dtype, probes: ProbeBatch, forced: torch.Tensor | None = None
+) -> ModelRun:
     """A plain checkpoint's greedy tokens, and its logits on `forced` (default: its own greedy tokens)."""
     from transformers import AutoModelForCausalLM
 
@@ -107,8 +114,9 @@ def effective_weight_float64(w0_stored: torch.Tensor, kind: AdapterKind, module:
     return formula.combine_outputs(w0.T, delta_t, row_scale, kind.add_residual).T  # (out, in)
 
 
-def _module_error(base: CheckpointReader, merged: CheckpointReader, kind: AdapterKind,
-                  module: ModuleAdapter) -> WeightError:
+def _module_error(
+    base: CheckpointReader, merged: CheckpointReader, kind: AdapterKind, module: ModuleAdapter
+) -> WeightError:
     expected = effective_weight_float64(base.read(module.weight_key), kind, module)  # (out, in)
     stored = merged.read(module.weight_key).to(torch.float64)
     actual = stored.T if module.fan_in_fan_out else stored  # (out, in)
@@ -118,15 +126,18 @@ def _module_error(base: CheckpointReader, merged: CheckpointReader, kind: Adapte
     return WeightError(max_abs, max_abs / max(expected.abs().max().item(), torch.finfo(torch.float64).tiny))
 
 
-def weight_errors(base: CheckpointReader, merged: CheckpointReader, kind: AdapterKind,
-                  bound: list[ModuleAdapter]) -> dict[str, WeightError]:
+def weight_errors(
+    base: CheckpointReader, merged: CheckpointReader, kind: AdapterKind, bound: list[ModuleAdapter]
+) -> dict[str, WeightError]:
     return {m.path: _module_error(base, merged, kind, m) for m in bound}
 
 
 def tensor_name_problems(base: CheckpointReader, merged: CheckpointReader) -> tuple[str, ...]:
     problems = []
-    for label, names in (("missing from", base.tensors.keys() - merged.tensors.keys()),
-                         ("not in the base but in", merged.tensors.keys() - base.tensors.keys())):
+    for label, names in (
+        ("missing from", base.tensors.keys() - merged.tensors.keys()),
+        ("not in the base but in", merged.tensors.keys() - base.tensors.keys()),
+    ):
         if names:
             problems.append(f"{len(names)} tensors {label} the merged checkpoint, e.g. {sorted(names)[0]}")
     return tuple(problems)
@@ -171,8 +182,11 @@ def _weight_checks(base_dir: Path, merged: CheckpointReader, adapter: Adapter, b
     base = CheckpointReader(base_dir)
     try:
         adapted = {m.weight_key for m in bound}
-        return (weight_errors(base, merged, adapter.kind, bound), untouched_abs_diff(base, merged, adapted),
-                tensor_name_problems(base, merged))
+        return (
+            weight_errors(base, merged, adapter.kind, bound),
+            untouched_abs_diff(base, merged, adapted),
+            tensor_name_problems(base, merged),
+        )
     finally:
         base.close()
 
@@ -186,8 +200,9 @@ def dtype_floor(base_dir: Path, dtype: torch.dtype, probes: ProbeBatch) -> Logit
     return logit_metrics(reference, _run_checkpoint(base_dir, dtype, probes, reference.greedy))
 
 
-def _logit_checks(base_dir: Path, merged_dir: Path, adapter: Adapter,
-                  dtype: torch.dtype) -> tuple[LogitMetrics, LogitMetrics | None]:
+def _logit_checks(
+    base_dir: Path, merged_dir: Path, adapter: Adapter, dtype: torch.dtype
+) -> tuple[LogitMetrics, LogitMetrics | None]:
     probes = build_probes(load_tokenizer(base_dir))
     reference = _run_reference(base_dir, adapter, probes)
     gc.collect()  # each model is gone before the next one loads
@@ -205,8 +220,13 @@ def _checked_merged_reader(merged_dir: Path, bound: list[ModuleAdapter]) -> Chec
     return reader
 
 
-def verify(base_dir: str | Path, adapter_path: str | Path, merged_dir: str | Path | None = None,
-           dtype: str = "auto", thresholds: Thresholds | None = None) -> EquivalenceReport:
+def verify(
+    base_dir: str | Path,
+    adapter_path: str | Path,
+    merged_dir: str | Path | None = None,
+    dtype: str = "auto",
+    thresholds: Thresholds | None = None,
+) -> EquivalenceReport:
     """Compare the merged checkpoint (made here when merged_dir is None) with the unmerged adapter.
 
     dtype: the merge's output dtype ("auto" = the base's stored dtype); with merged_dir it
@@ -227,11 +247,20 @@ def verify(base_dir: str | Path, adapter_path: str | Path, merged_dir: str | Pat
         logits, floor = _logit_checks(base_dir, folder, adapter, merged_dtype)
     gc.collect()
     report = EquivalenceReport(
-        base=str(base_dir), adapter=str(adapter_path), merged=str(merged_dir) if merged_dir else None,
-        kind=adapter.kind.name, reference_dtype=REFERENCE_NAME, merged_dtype=str(merged_dtype).removeprefix("torch."),
-        probes=len(logits.greedy_first_divergence), new_tokens=NEW_TOKENS, logits=logits, weight_errors=errors,
-        max_untouched_abs_diff=untouched, tensor_name_problems=name_problems,
-        thresholds=thresholds or Thresholds.for_dtype(merged_dtype), seconds=time.perf_counter() - start,
+        base=str(base_dir),
+        adapter=str(adapter_path),
+        merged=str(merged_dir) if merged_dir else None,
+        kind=adapter.kind.name,
+        reference_dtype=REFERENCE_NAME,
+        merged_dtype=str(merged_dtype).removeprefix("torch."),
+        probes=len(logits.greedy_first_divergence),
+        new_tokens=NEW_TOKENS,
+        logits=logits,
+        weight_errors=errors,
+        max_untouched_abs_diff=untouched,
+        tensor_name_problems=name_problems,
+        thresholds=thresholds or Thresholds.for_dtype(merged_dtype),
+        seconds=time.perf_counter() - start,
         dtype_floor=floor,
     )
     return report.judged()

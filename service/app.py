@@ -1,8 +1,8 @@
 """The app factory: `create_app(settings)` builds the FastAPI app; its lifespan starts everything.
 
 Start: load the adapter registry (what dead servers left is recovered; see
-service/registry.py for replicas sharing a data dir), read or create the admin token, start the engine(s) and the scheduler,
-hand every ready adapter to the scheduler, then answer /ready.  Stop: the
+service/registry.py for replicas sharing a data dir), read or create the admin token, start the
+engine(s) and the scheduler, hand every ready adapter to the scheduler, then answer /ready.  Stop: the
 reverse.  Handlers live in `app.state`: `inference`, `adapters`, `auth`.
 """
 
@@ -138,8 +138,9 @@ class RequestMetrics:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    app = FastAPI(title="d2lora-serve", summary="D²-LoRA adapters merged, verified and served hot-swapped",
-                  lifespan=lifespan)
+    app = FastAPI(
+        title="d2lora-serve", summary="D²-LoRA adapters merged, verified and served hot-swapped", lifespan=lifespan
+    )
     app.state.settings = settings
     app.state.ready = False
     app.state.engine_dead = False

@@ -48,8 +48,7 @@ def admin_token(settings: Settings) -> str:
         return path.read_text().strip()
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_secret(path, secrets.token_urlsafe(32))
-    logger.warning("admin token: generated and stored in %s (mode 0600); send it as 'Authorization: Bearer ...'",
-                   path)
+    logger.warning("admin token: generated and stored in %s (mode 0600); send it as 'Authorization: Bearer ...'", path)
     return path.read_text().strip()
 
 

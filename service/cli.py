@@ -29,8 +29,9 @@ def run_serve(args: argparse.Namespace) -> int:
     check_engine(settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
-                                           timeout_graceful_shutdown=10))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=10)
+    )
     app.state.shutdown = lambda: setattr(server, "should_exit", True)
     server.run()
     return EXIT_ENGINE_DEAD if app.state.engine_dead else 0

@@ -53,8 +53,13 @@ async def upload(client: httpx.AsyncClient, token: str, name: str, adapter_dir: 
         logger.info("adapter %s: already registered", name)
         return
     with tempfile.TemporaryDirectory() as tmp, open(pack_adapter(adapter_dir, Path(tmp)), "rb") as archive:
-        response = await client.post("/adapters", headers=headers, data={"name": name},
-                                     files={"archive": (f"{name}.tar.gz", archive)}, timeout=UPLOAD_TIMEOUT_S)
+        response = await client.post(
+            "/adapters",
+            headers=headers,
+            data={"name": name},
+            files={"archive": (f"{name}.tar.gz", archive)},
+            timeout=UPLOAD_TIMEOUT_S,
+        )
     response.raise_for_status()
     record = response.json()
     logger.info("adapter %s: %s in %.1f s", name, record.get("status"), record.get("merge_seconds") or 0)
@@ -64,12 +69,13 @@ def usage(base_url: str, names: list[str]) -> str:
     model = names[0] if names else "base"
     return f"""
 d2lora demo is serving at {base_url}   (Ctrl-C stops it)
-models: {', '.join(names)} and the base
+models: {", ".join(names)} and the base
   curl {base_url}/v1/models
   curl {base_url}/v1/completions -H 'Content-Type: application/json' \\
        -d '{{"model": "{model}", "prompt": "Hello", "max_tokens": 16, "temperature": 0}}'
   python -c "from openai import OpenAI; c = OpenAI(base_url='{base_url}/v1', api_key='none'); \\
-print(c.chat.completions.create(model='{model}', messages=[{{'role': 'user', 'content': 'Hi'}}]).choices[0].message.content)"
+r = c.chat.completions.create(model='{model}', messages=[{{'role': 'user', 'content': 'Hi'}}]); \\
+print(r.choices[0].message.content)"
 """
 
 

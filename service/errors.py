@@ -32,8 +32,11 @@ def storage_error(err: BaseException) -> APIError | None:
         err = err.__cause__ or err.__context__
     if err is None:
         return None
-    return APIError(507, f"the data dir cannot store this adapter: {err.strerror}; nothing was registered",
-                    code="insufficient_storage")
+    return APIError(
+        507,
+        f"the data dir cannot store this adapter: {err.strerror}; nothing was registered",
+        code="insufficient_storage",
+    )
 
 
 def render(error: APIError, headers: dict | None = None) -> JSONResponse:
@@ -46,8 +49,10 @@ def _param(location: tuple) -> str | None:
     return ".".join(parts) or None
 
 
-ERROR_HEADERS = {401: {"WWW-Authenticate": "Bearer"},
-                 413: {"Connection": "close"}}  # else the server reads (and drops) the rest of an oversize body
+ERROR_HEADERS = {
+    401: {"WWW-Authenticate": "Bearer"},
+    413: {"Connection": "close"},
+}  # else the server reads (and drops) the rest of an oversize body
 
 
 async def on_api_error(request: Request, exc: APIError) -> JSONResponse:

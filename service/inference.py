@@ -75,8 +75,11 @@ class Tracker:
 
     @property
     def usage(self) -> UsageInfo:
-        return UsageInfo(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-                         total_tokens=self.prompt_tokens + self.completion_tokens)
+        return UsageInfo(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            total_tokens=self.prompt_tokens + self.completion_tokens,
+        )
 
     def record(self) -> None:
         """Token counters and time per output token, once, when the request ends."""
@@ -101,8 +104,10 @@ class InferenceHandler:
 
     def models(self) -> ModelList:
         base = ModelCard(id=self.base_name, created=self.started, root=self.base_name)
-        adapters = [ModelCard(id=r.name, created=r.created_at, root=self.base_name, parent=self.base_name)
-                    for r in self.registry.all_serving()]
+        adapters = [
+            ModelCard(id=r.name, created=r.created_at, root=self.base_name, parent=self.base_name)
+            for r in self.registry.all_serving()
+        ]
         return ModelList(data=[base, *adapters])
 
     async def resolve(self, model: str) -> str:
@@ -111,8 +116,12 @@ class InferenceHandler:
             return model
         record = self.registry.serving(model)
         if record is None:
-            raise APIError(404, f"the model {model!r} does not exist (GET /v1/models lists them)", param="model",
-                           code="model_not_found")
+            raise APIError(
+                404,
+                f"the model {model!r} does not exist (GET /v1/models lists them)",
+                param="model",
+                code="model_not_found",
+            )
         if not self.scheduler.serves(model, Path(record.tensors_file)):
             await self.scheduler.add_model(model, Path(record.tensors_file))
         return model
@@ -140,8 +149,9 @@ class InferenceHandler:
         return await collect(chunks, first, tracker, shaper)
 
 
-async def collect(chunks: AsyncIterator[GenerationChunk], first: GenerationChunk, tracker: Tracker,
-                  shaper: Shaper) -> OpenAIBaseModel:
+async def collect(
+    chunks: AsyncIterator[GenerationChunk], first: GenerationChunk, tracker: Tracker, shaper: Shaper
+) -> OpenAIBaseModel:
     try:
         tracker.add(first)
         async for chunk in chunks:
@@ -152,8 +162,13 @@ async def collect(chunks: AsyncIterator[GenerationChunk], first: GenerationChunk
     return shaper.response(tracker)
 
 
-async def stream_events(chunks: AsyncIterator[GenerationChunk], first: GenerationChunk, tracker: Tracker,
-                        shaper: Shaper, include_usage: bool) -> AsyncIterator[str]:
+async def stream_events(
+    chunks: AsyncIterator[GenerationChunk],
+    first: GenerationChunk,
+    tracker: Tracker,
+    shaper: Shaper,
+    include_usage: bool,
+) -> AsyncIterator[str]:
     """SSE events; a client that disconnects cancels this, and closing `chunks` aborts the request."""
     try:
         for event in shaper.opening(tracker.n):
@@ -198,8 +213,10 @@ class CompletionShaper(Shaper):
         return CompletionResponse(id=self.id, model=self.model, choices=[], usage=tracker.usage)
 
     def response(self, tracker: Tracker) -> CompletionResponse:
-        choices = [CompletionChoice(index=i, text=text, finish_reason=tracker.finish[i])
-                   for i, text in enumerate(tracker.texts)]
+        choices = [
+            CompletionChoice(index=i, text=text, finish_reason=tracker.finish[i])
+            for i, text in enumerate(tracker.texts)
+        ]
         return CompletionResponse(id=self.id, model=self.model, choices=choices, usage=tracker.usage)
 
 
@@ -207,7 +224,9 @@ class ChatShaper(Shaper):
     id_prefix = "chatcmpl"
 
     def opening(self, n: int) -> list[ChatCompletionChunk]:
-        return [self._event(ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))) for i in range(n)]
+        return [
+            self._event(ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))) for i in range(n)
+        ]
 
     def chunk(self, chunk: GenerationChunk) -> ChatCompletionChunk:
         delta = DeltaMessage(content=chunk.text)
@@ -217,8 +236,10 @@ class ChatShaper(Shaper):
         return ChatCompletionChunk(id=self.id, model=self.model, choices=[], usage=tracker.usage)
 
     def response(self, tracker: Tracker) -> ChatCompletionResponse:
-        choices = [ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason=tracker.finish[i])
-                   for i, text in enumerate(tracker.texts)]
+        choices = [
+            ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason=tracker.finish[i])
+            for i, text in enumerate(tracker.texts)
+        ]
         return ChatCompletionResponse(id=self.id, model=self.model, choices=choices, usage=tracker.usage)
 
     def _event(self, choice: ChatChunkChoice) -> ChatCompletionChunk:

@@ -10,6 +10,7 @@ pruned.  A synchronous upload (`wait=true`) that fails is discarded whole.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -22,6 +23,7 @@ from merger.archive import CONFIG_NAME, WEIGHTS_NAME, ArchiveLimits
 from merger.checkpoint import CheckpointReader
 from merger.errors import D2LoraError
 from service import metrics
+from service.errors import storage_error
 from service.merging import (
     FUSED_FILE,
     CheckedAdapter,
@@ -30,7 +32,6 @@ from service.merging import (
     check_adapter,
     merge_and_verify,
 )
-from service.errors import storage_error
 from service.protocol import APIError
 from service.registry import NAME_PATTERN, AdapterRecord, Registry
 from service.settings import Settings
@@ -62,8 +63,9 @@ def assemble_artifact(files: dict[str, Path], work_dir: Path) -> Path:
         os.rename(files["config"], folder / CONFIG_NAME)
         os.rename(files["weights"], folder / WEIGHTS_NAME)
         return folder
-    raise APIError(400, "send either files 'config' and 'weights', or one file 'archive'", param="archive",
-                   code="missing_files")
+    raise APIError(
+        400, "send either files 'config' and 'weights', or one file 'archive'", param="archive", code="missing_files"
+    )
 
 
 class AdapterManager:
@@ -96,23 +98,38 @@ class AdapterManager:
         if name == self.base_name.lower():
             raise APIError(409, f"{name!r} is the base model's name", param="name", code="name_taken")
         if name in self.merging:
-            raise APIError(409, f"adapter {name!r} is being merged; try again when it is done", param="name",
-                           code="merge_in_progress")
+            raise APIError(
+                409,
+                f"adapter {name!r} is being merged; try again when it is done",
+                param="name",
+                code="merge_in_progress",
+            )
         if self.registry.latest(name) is not None and not replace:
-            raise APIError(409, f"adapter {name!r} exists; DELETE it or POST with ?replace=true", param="name",
-                           code="adapter_exists")
+            raise APIError(
+                409,
+                f"adapter {name!r} exists; DELETE it or POST with ?replace=true",
+                param="name",
+                code="adapter_exists",
+            )
 
     def _check(self, artifact: Path) -> CheckedAdapter:
         try:
-            return check_adapter(artifact, self.base_shapes, self.base_name, self.settings.allow_base_mismatch,
-                                 self.limits)
+            return check_adapter(
+                artifact, self.base_shapes, self.base_name, self.settings.allow_base_mismatch, self.limits
+            )
         except D2LoraError as err:
             raise APIError(422, str(err), param="adapter", code="invalid_adapter") from None
 
-    async def _start(self, name: str, artifact: Path, work_dir: Path, checked: CheckedAdapter,
-                     wait: bool) -> AdapterRecord:
-        record = self.registry.new_version(name, kind=checked.kind, base_model=self.base_name,
-                                           adapter_base_model=checked.base_model, warnings=list(checked.warnings))
+    async def _start(
+        self, name: str, artifact: Path, work_dir: Path, checked: CheckedAdapter, wait: bool
+    ) -> AdapterRecord:
+        record = self.registry.new_version(
+            name,
+            kind=checked.kind,
+            base_model=self.base_name,
+            adapter_base_model=checked.base_model,
+            warnings=list(checked.warnings),
+        )
         self.merging.add(name)
         self.failure_status.pop(name, None)
         job = asyncio.create_task(self._merge(record, artifact, work_dir, checked))
@@ -128,12 +145,21 @@ class AdapterManager:
             raise APIError(status, done.error or "merge failed", param="adapter", code=code)
         return done
 
-    async def _merge(self, record: AdapterRecord, artifact: Path, work_dir: Path,
-                     checked: CheckedAdapter) -> AdapterRecord:
+    async def _merge(
+        self, record: AdapterRecord, artifact: Path, work_dir: Path, checked: CheckedAdapter
+    ) -> AdapterRecord:
         loop = asyncio.get_running_loop()
         try:
-            outcome = await loop.run_in_executor(self.worker, merge_and_verify, self.base_dir, artifact, work_dir,
-                                                 checked, self.settings.merge_dtype, self.limits)
+            outcome = await loop.run_in_executor(
+                self.worker,
+                merge_and_verify,
+                self.base_dir,
+                artifact,
+                work_dir,
+                checked,
+                self.settings.merge_dtype,
+                self.limits,
+            )
             return await self._ready(record, work_dir / FUSED_FILE, outcome)
         except EquivalenceError as err:
             return self._failed(record, str(err), err.report)
@@ -155,8 +181,14 @@ class AdapterManager:
     async def _ready(self, record: AdapterRecord, fused: Path, outcome: MergeOutcome) -> AdapterRecord:
         tensors_file = self.registry.tensors_path(record)
         os.replace(fused, tensors_file)
-        ready = record.model_copy(update={"status": "ready", "merge_seconds": round(outcome.seconds, 3),
-                                          "equivalence": outcome.equivalence, "tensors_file": str(tensors_file)})
+        ready = record.model_copy(
+            update={
+                "status": "ready",
+                "merge_seconds": round(outcome.seconds, 3),
+                "equivalence": outcome.equivalence,
+                "tensors_file": str(tensors_file),
+            }
+        )
         await self.scheduler.add_model(ready.name, tensors_file)  # old requests finish on the old weights
         self.registry.save(ready)
         self.registry.prune(ready.name)
@@ -165,8 +197,9 @@ class AdapterManager:
         metrics.EQUIVALENCE_MAX_ABS_LOGIT_DIFF.labels(model=ready.name).set(outcome.max_abs_logit_diff)
         return ready
 
-    def _failed(self, record: AdapterRecord, error: str, equivalence: dict | None = None,
-                status: int = 422) -> AdapterRecord:
+    def _failed(
+        self, record: AdapterRecord, error: str, equivalence: dict | None = None, status: int = 422
+    ) -> AdapterRecord:
         self.failure_status[record.name] = status
         self.registry.tensors_path(record).unlink(missing_ok=True)
         failed = record.model_copy(update={"status": "failed", "error": error, "equivalence": equivalence})
@@ -179,8 +212,12 @@ class AdapterManager:
         if self.registry.latest(name) is None:
             raise APIError(404, f"adapter {name!r} does not exist", param="name", code="adapter_not_found")
         if name in self.merging:
-            raise APIError(409, f"adapter {name!r} is being merged; delete it when that is done", param="name",
-                           code="merge_in_progress")
+            raise APIError(
+                409,
+                f"adapter {name!r} is being merged; delete it when that is done",
+                param="name",
+                code="merge_in_progress",
+            )
         await self.scheduler.remove_model(name)
         self.registry.delete(name)
         forget_equivalence(name)
@@ -200,7 +237,5 @@ def _base_shapes(base_dir: Path) -> dict[str, tuple[int, ...]]:
 
 
 def forget_equivalence(name: str) -> None:
-    try:
+    with contextlib.suppress(KeyError):  # never became ready in this process
         metrics.EQUIVALENCE_MAX_ABS_LOGIT_DIFF.remove(name)
-    except KeyError:  # never became ready in this process
-        pass

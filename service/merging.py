@@ -67,14 +67,20 @@ def check_base_name(adapter_base: str | None, served_base: str, allow_mismatch: 
     return (message,)
 
 
-def check_adapter(artifact: Path, base_shapes: dict[str, tuple[int, ...]], served_base: str,
-                  allow_mismatch: bool, limits: ArchiveLimits) -> CheckedAdapter:
+def check_adapter(
+    artifact: Path,
+    base_shapes: dict[str, tuple[int, ...]],
+    served_base: str,
+    allow_mismatch: bool,
+    limits: ArchiveLimits,
+) -> CheckedAdapter:
     """Everything the merger checks before writing, plus the base-name policy."""
     adapter = Adapter.load(artifact, limits)
     bound = adapter.bind(base_shapes)
     warnings = check_base_name(adapter.config.base_model_name_or_path, served_base, allow_mismatch)
-    return CheckedAdapter(adapter.kind.name, adapter.config.base_model_name_or_path,
-                          tuple(m.weight_key for m in bound), warnings)
+    return CheckedAdapter(
+        adapter.kind.name, adapter.config.base_model_name_or_path, tuple(m.weight_key for m in bound), warnings
+    )
 
 
 def keep_fused_tensors(merged_dir: Path, weight_keys: tuple[str, ...], out_file: Path) -> None:
@@ -91,8 +97,9 @@ def keep_fused_tensors(merged_dir: Path, weight_keys: tuple[str, ...], out_file:
     os.replace(tmp, out_file)
 
 
-def merge_and_verify(base_dir: Path, artifact: Path, work_dir: Path, checked: CheckedAdapter, dtype: str,
-                     limits: ArchiveLimits) -> MergeOutcome:
+def merge_and_verify(
+    base_dir: Path, artifact: Path, work_dir: Path, checked: CheckedAdapter, dtype: str, limits: ArchiveLimits
+) -> MergeOutcome:
     """Merge into work_dir, prove it equivalent, and leave work_dir/fused.safetensors."""
     from merger.verify import verify  # imports transformers: only in the worker
 
@@ -101,7 +108,6 @@ def merge_and_verify(base_dir: Path, artifact: Path, work_dir: Path, checked: Ch
     merge(base_dir, artifact, merged_dir, dtype=dtype, progress=False, limits=limits)
     report = verify(base_dir, artifact, merged_dir=merged_dir, dtype=dtype)
     if not report.passed:
-        raise EquivalenceError(f"merged and unmerged outputs disagree: {'; '.join(report.failures)}",
-                               report.to_dict())
+        raise EquivalenceError(f"merged and unmerged outputs disagree: {'; '.join(report.failures)}", report.to_dict())
     keep_fused_tensors(merged_dir, checked.weight_keys, work_dir / FUSED_FILE)
     return MergeOutcome(time.perf_counter() - start, report.to_dict(), report.logits.max_abs_logit_diff)

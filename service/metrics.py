@@ -15,25 +15,57 @@ TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64,
 SWAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 MERGE_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
-REQUESTS = Counter("d2lora_requests", "Requests served, by model, endpoint and HTTP status.",
-                   ["model", "endpoint", "status"], registry=REGISTRY)
-REQUEST_LATENCY = Histogram("d2lora_request_latency_seconds", "End-to-end request latency.",
-                            ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=REGISTRY)
-TIME_TO_FIRST_TOKEN = Histogram("d2lora_time_to_first_token_seconds", "Arrival to first generated token.",
-                                ["model"], buckets=LATENCY_BUCKETS, registry=REGISTRY)
-TIME_PER_OUTPUT_TOKEN = Histogram("d2lora_time_per_output_token_seconds", "Decode time per token after the first.",
-                                  ["model"], buckets=TOKEN_BUCKETS, registry=REGISTRY)
+REQUESTS = Counter(
+    "d2lora_requests",
+    "Requests served, by model, endpoint and HTTP status.",
+    ["model", "endpoint", "status"],
+    registry=REGISTRY,
+)
+REQUEST_LATENCY = Histogram(
+    "d2lora_request_latency_seconds",
+    "End-to-end request latency.",
+    ["model", "endpoint"],
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "d2lora_time_to_first_token_seconds",
+    "Arrival to first generated token.",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+TIME_PER_OUTPUT_TOKEN = Histogram(
+    "d2lora_time_per_output_token_seconds",
+    "Decode time per token after the first.",
+    ["model"],
+    buckets=TOKEN_BUCKETS,
+    registry=REGISTRY,
+)
 PROMPT_TOKENS = Counter("d2lora_prompt_tokens", "Prompt tokens processed.", ["model"], registry=REGISTRY)
 GENERATION_TOKENS = Counter("d2lora_generation_tokens", "Tokens generated.", ["model"], registry=REGISTRY)
 REQUESTS_RUNNING = Gauge("d2lora_requests_running", "Requests admitted to an engine.", registry=REGISTRY)
 REQUESTS_WAITING = Gauge("d2lora_requests_waiting", "Requests queued for their model's turn.", registry=REGISTRY)
-SWAP_SECONDS = Histogram("d2lora_swap_seconds", "Hot-swap latency: loading a model's weights into an engine.",
-                         ["model"], buckets=SWAP_BUCKETS, registry=REGISTRY)
-MERGE_SECONDS = Histogram("d2lora_merge_seconds", "Wall time of merge + verify of an uploaded adapter.",
-                          buckets=MERGE_BUCKETS, registry=REGISTRY)
+SWAP_SECONDS = Histogram(
+    "d2lora_swap_seconds",
+    "Hot-swap latency: loading a model's weights into an engine.",
+    ["model"],
+    buckets=SWAP_BUCKETS,
+    registry=REGISTRY,
+)
+MERGE_SECONDS = Histogram(
+    "d2lora_merge_seconds",
+    "Wall time of merge + verify of an uploaded adapter.",
+    buckets=MERGE_BUCKETS,
+    registry=REGISTRY,
+)
 MERGES = Counter("d2lora_merges", "Adapter merges by outcome (ok | failed).", ["status"], registry=REGISTRY)
-EQUIVALENCE_MAX_ABS_LOGIT_DIFF = Gauge("d2lora_equivalence_max_abs_logit_diff",
-                                       "Max |logit| difference merged vs unmerged at upload.", ["model"],
-                                       registry=REGISTRY)
-RESIDENT_MODELS = Gauge("d2lora_resident_models", "Models whose weights are loaded in an engine now.",
-                        registry=REGISTRY)
+EQUIVALENCE_MAX_ABS_LOGIT_DIFF = Gauge(
+    "d2lora_equivalence_max_abs_logit_diff",
+    "Max |logit| difference merged vs unmerged at upload.",
+    ["model"],
+    registry=REGISTRY,
+)
+RESIDENT_MODELS = Gauge(
+    "d2lora_resident_models", "Models whose weights are loaded in an engine now.", registry=REGISTRY
+)

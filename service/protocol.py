@@ -71,6 +71,7 @@ class APIError(Exception):
 
 # sampling shared by both endpoints
 
+
 class SamplingParams(OpenAIBaseModel):
     model: str
     max_tokens: int | None = Field(default=16, ge=1)
@@ -92,10 +93,14 @@ class SamplingParams(OpenAIBaseModel):
 
     def sampling_options(self, default_max_tokens: int) -> SamplingOptions:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        return SamplingOptions(max_tokens=self.max_tokens or default_max_tokens,
-                               temperature=1.0 if self.temperature is None else self.temperature,
-                               top_p=1.0 if self.top_p is None else self.top_p,
-                               seed=self.seed, stop=stop, n=self.n)
+        return SamplingOptions(
+            max_tokens=self.max_tokens or default_max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            seed=self.seed,
+            stop=stop,
+            n=self.n,
+        )
 
     @property
     def include_usage_in_stream(self) -> bool:
@@ -113,6 +118,7 @@ class UsageInfo(OpenAIBaseModel):
 
 
 # /v1/completions
+
 
 class CompletionRequest(SamplingParams):
     prompt: str | list[str]
@@ -146,6 +152,7 @@ class CompletionResponse(OpenAIBaseModel):
 
 
 # /v1/chat/completions
+
 
 class TextPart(OpenAIBaseModel):
     type: Literal["text"]
@@ -215,6 +222,7 @@ class ChatCompletionChunk(OpenAIBaseModel):
 
 
 # /v1/models
+
 
 class ModelCard(OpenAIBaseModel):
     id: str

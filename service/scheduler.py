@@ -111,8 +111,9 @@ class Scheduler:
         self._loop_task: asyncio.Task | None = None
 
     @classmethod
-    async def create(cls, settings: Settings, base_dir: Path,
-                     engine_factory: Callable[[], Engine] | None = None) -> Scheduler:
+    async def create(
+        cls, settings: Settings, base_dir: Path, engine_factory: Callable[[], Engine] | None = None
+    ) -> Scheduler:
         scheduler = cls(settings, base_dir, engine_factory)
         await scheduler.start()
         return scheduler

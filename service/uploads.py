@@ -40,9 +40,14 @@ class _PartWriter:
         self.text = bytearray()
 
     def callbacks(self) -> dict:
-        return {"on_part_begin": self.on_part_begin, "on_header_field": self.on_header_field,
-                "on_header_value": self.on_header_value, "on_headers_finished": self.on_headers_finished,
-                "on_part_data": self.on_part_data, "on_part_end": self.on_part_end}
+        return {
+            "on_part_begin": self.on_part_begin,
+            "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value,
+            "on_headers_finished": self.on_headers_finished,
+            "on_part_data": self.on_part_data,
+            "on_part_end": self.on_part_end,
+        }
 
     def on_part_begin(self) -> None:
         self.headers, self.header_name, self.text = {}, b"", bytearray()
@@ -58,7 +63,7 @@ class _PartWriter:
         self.field = params.get(b"name", b"").decode("utf-8", "replace")
         if self.field in self.file_fields and self.field not in self.upload.files:
             path = self.work_dir / self.field
-            self.sink = open(path, "wb")
+            self.sink = open(path, "wb")  # noqa: SIM115  (closed in on_part_end or close)
             self.upload.files[self.field] = path
         elif self.field not in self.text_fields or self.field in self.upload.fields:
             raise APIError(400, f"unexpected or repeated form field {self.field!r}", param=self.field)
@@ -69,8 +74,9 @@ class _PartWriter:
             return
         self.text += data[start:end]
         if len(self.text) > MAX_TEXT_FIELD_BYTES:
-            raise APIError(400, f"form field {self.field!r} is longer than {MAX_TEXT_FIELD_BYTES} bytes",
-                           param=self.field)
+            raise APIError(
+                400, f"form field {self.field!r} is longer than {MAX_TEXT_FIELD_BYTES} bytes", param=self.field
+            )
 
     def on_part_end(self) -> None:
         if self.sink is not None:
@@ -98,12 +104,14 @@ def _check_declared_size(request: Request, cap: int) -> None:
 
 
 def too_large(cap: int) -> APIError:
-    return APIError(413, f"the upload is larger than the {cap} byte limit (D2LORA_MAX_UPLOAD_BYTES)",
-                    code="upload_too_large")
+    return APIError(
+        413, f"the upload is larger than the {cap} byte limit (D2LORA_MAX_UPLOAD_BYTES)", code="upload_too_large"
+    )
 
 
-async def receive_upload(request: Request, work_dir: Path, file_fields: frozenset[str],
-                         text_fields: frozenset[str], cap: int) -> Upload:
+async def receive_upload(
+    request: Request, work_dir: Path, file_fields: frozenset[str], text_fields: frozenset[str], cap: int
+) -> Upload:
     """Parse the body of `request` into `work_dir`; 413 past `cap` bytes, 400 if malformed."""
     _check_declared_size(request, cap)
     writer = _PartWriter(work_dir, file_fields, text_fields)

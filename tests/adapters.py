@@ -29,13 +29,20 @@ def default_targets(base_dir: Path) -> tuple[list[str], bool]:
     return DEFAULT_TARGETS.get(model_type, LLAMA_TARGETS)
 
 
-def adapter_config(base_dir: Path, kind: str, r: int, alpha: float, tau: float, targets: list[str] | None,
-                   **extra) -> dict:
+def adapter_config(
+    base_dir: Path, kind: str, r: int, alpha: float, tau: float, targets: list[str] | None, **extra
+) -> dict:
     """adapter_config.json for a kind; `extra` adds or overrides fields (rank_pattern, use_rslora, ...)."""
     default, fan_in_fan_out = default_targets(base_dir)
-    config = {"peft_type": PEFT_TYPES[kind], "r": r, "lora_alpha": alpha, "use_rslora": False,
-              "fan_in_fan_out": fan_in_fan_out, "target_modules": targets or default,
-              "base_model_name_or_path": Path(base_dir).name}
+    config = {
+        "peft_type": PEFT_TYPES[kind],
+        "r": r,
+        "lora_alpha": alpha,
+        "use_rslora": False,
+        "fan_in_fan_out": fan_in_fan_out,
+        "target_modules": targets or default,
+        "base_model_name_or_path": Path(base_dir).name,
+    }
     if kind == "D2LORA":
         config["tau"] = tau
     if kind == "DORA":
@@ -53,8 +60,9 @@ def targeted_modules(reader: CheckpointReader, config: AdapterConfig) -> dict[st
     return modules
 
 
-def _low_rank_pair(gen: torch.Generator, r: int, out_features: int, in_features: int,
-                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _low_rank_pair(
+    gen: torch.Generator, r: int, out_features: int, in_features: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     a = torch.randn(r, in_features, generator=gen) / in_features**0.5  # (r, in)
     b = torch.randn(out_features, r, generator=gen) * scale  # (out, r)
     return a, b
@@ -85,8 +93,9 @@ def _dense_delta(factors: dict, scaling: float, tau: float) -> torch.Tensor:
     return scaling * delta
 
 
-def _resize_update(factors: dict, w0_stored: torch.Tensor, parsed: AdapterConfig, path: str,
-                   relative_size: float) -> None:
+def _resize_update(
+    factors: dict, w0_stored: torch.Tensor, parsed: AdapterConfig, path: str, relative_size: float
+) -> None:
     """Rescale the B factors in place so that ‖ΔW‖_F = relative_size · ‖W0‖_F."""
     scaling = lora_scaling(parsed.alpha_for(path), parsed.rank_for(path), parsed.use_rslora)
     ratio = relative_size * w0_stored.float().norm() / _dense_delta(factors, scaling, parsed.tau).norm()
@@ -95,8 +104,15 @@ def _resize_update(factors: dict, w0_stored: torch.Tensor, parsed: AdapterConfig
             factors[name] = factors[name] * ratio
 
 
-def random_adapter_tensors(base_dir: Path, kind: str, config: dict, seed: int, scale: float,
-                           dtype: torch.dtype, relative_size: float | None = None) -> dict[str, torch.Tensor]:
+def random_adapter_tensors(
+    base_dir: Path,
+    kind: str,
+    config: dict,
+    seed: int,
+    scale: float,
+    dtype: torch.dtype,
+    relative_size: float | None = None,
+) -> dict[str, torch.Tensor]:
     parsed = AdapterConfig.from_dict(config)
     gen = torch.Generator().manual_seed(seed)
     reader = CheckpointReader(base_dir)
@@ -115,10 +131,20 @@ def random_adapter_tensors(base_dir: Path, kind: str, config: dict, seed: int, s
     return tensors
 
 
-def write_random_adapter(out_dir: str | Path, base_dir: str | Path, kind: str = "D2LORA", r: int = 4,
-                         alpha: float = 8, tau: float = 0.5, seed: int = 0, scale: float = 0.05,
-                         targets: list[str] | None = None, dtype: torch.dtype = torch.float32,
-                         relative_size: float | None = None, **extra_config) -> Path:
+def write_random_adapter(
+    out_dir: str | Path,
+    base_dir: str | Path,
+    kind: str = "D2LORA",
+    r: int = 4,
+    alpha: float = 8,
+    tau: float = 0.5,
+    seed: int = 0,
+    scale: float = 0.05,
+    targets: list[str] | None = None,
+    dtype: torch.dtype = torch.float32,
+    relative_size: float | None = None,
+    **extra_config,
+) -> Path:
     """Write a random `kind` adapter ("D2LORA" | "LORA" | "DORA") for base_dir into out_dir.
 
     `scale` sets the size of B (and DoRA's relative change of m); `relative_size`, when

@@ -17,10 +17,22 @@ def _targets(text: str) -> tuple[str, ...]:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(method=args.method, r=args.r, lora_alpha=args.alpha, tau=args.tau, targets=args.targets,
-                       epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
-                       seed=args.seed, warmup_ratio=args.warmup_ratio, schedule=args.schedule,
-                       max_grad_norm=args.max_grad_norm, weight_decay=args.weight_decay)
+    return TrainConfig(
+        method=args.method,
+        r=args.r,
+        lora_alpha=args.alpha,
+        tau=args.tau,
+        targets=args.targets,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        seed=args.seed,
+        warmup_ratio=args.warmup_ratio,
+        schedule=args.schedule,
+        max_grad_norm=args.max_grad_norm,
+        weight_decay=args.weight_decay,
+    )
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -28,8 +40,10 @@ def run_train(args: argparse.Namespace) -> int:
 
     result = train(args.base, args.data, args.out, config_from_args(args))
     losses = [r.loss for r in result.records]
-    print(f"trained {args.method} adapter in {result.seconds:.1f} s: {len(losses)} steps, "
-          f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; wrote {result.out_dir}")
+    print(
+        f"trained {args.method} adapter in {result.seconds:.1f} s: {len(losses)} steps, "
+        f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; wrote {result.out_dir}"
+    )
     return 0
 
 

@@ -95,7 +95,7 @@ def _chat_pair(messages: list[dict[str, str]], tokenizer, where: str) -> TextPai
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     if not full.startswith(prompt):
         raise DataError(f"{where}: the chat template does not render the prompt as a prefix of the conversation")
-    return TextPair(prompt, full[len(prompt):], append_eos=False)
+    return TextPair(prompt, full[len(prompt) :], append_eos=False)
 
 
 def text_pair(record: dict[str, Any], tokenizer, where: str) -> TextPair:
@@ -125,8 +125,10 @@ def tokenize_pair(pair: TextPair, tokenizer, max_length: int, where: str) -> Exa
 
 def load_examples(path: str | Path, tokenizer, max_length: int) -> list[Example]:
     """Every example of the JSONL file, tokenised; DataError names the first bad line."""
-    return [tokenize_pair(text_pair(record, tokenizer, where), tokenizer, max_length, where)
-            for where, record in read_records(path)]
+    return [
+        tokenize_pair(text_pair(record, tokenizer, where), tokenizer, max_length, where)
+        for where, record in read_records(path)
+    ]
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
@@ -146,4 +148,4 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
 def batches(examples: list[Example], batch_size: int, seed: int, epoch: int) -> list[list[Example]]:
     """The epoch's shuffled batches, the same for the same (seed, epoch)."""
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-    return [[examples[i] for i in order[start:start + batch_size]] for start in range(0, len(order), batch_size)]
+    return [[examples[i] for i in order[start : start + batch_size]] for start in range(0, len(order), batch_size)]

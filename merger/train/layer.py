@@ -54,16 +54,21 @@ from merger.kinds import D2LoraKind, Factors, ModuleAdapter
 
 KIND = D2LoraKind()
 LORA_INIT_GAIN = 1 / math.sqrt(3)  # kaiming-uniform(a=√5) has std 1/√(3·in); orthogonal rows have std 1/√in
-FACTOR_PARAMETERS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight",
-                     "lora_A_neg": "lora_A_neg.weight", "lora_B_neg": "lora_B_neg.weight"}
+FACTOR_PARAMETERS = {
+    "lora_A": "lora_A.weight",
+    "lora_B": "lora_B.weight",
+    "lora_A_neg": "lora_A_neg.weight",
+    "lora_B_neg": "lora_B_neg.weight",
+}
 ADAPTABLE = (nn.Linear, Conv1D)
 
 
 class D2LoraLayer(nn.Module):
     """A frozen base projection with trainable A₊ (r, in), B₊ (out, r), A₋ (r, in), B₋ (out, r)."""
 
-    def __init__(self, base: nn.Linear | Conv1D, path: str, r: int, lora_alpha: float, tau: float = 0.5,
-                 use_rslora: bool = False) -> None:
+    def __init__(
+        self, base: nn.Linear | Conv1D, path: str, r: int, lora_alpha: float, tau: float = 0.5, use_rslora: bool = False
+    ) -> None:
         super().__init__()
         self.base = base.requires_grad_(False)
         self.path = path
@@ -108,8 +113,9 @@ class D2LoraLayer(nn.Module):
         return y if self.base.bias is None else y + self.base.bias
 
 
-def attach_d2lora(model: nn.Module, targets, r: int, lora_alpha: float, tau: float,
-                  use_rslora: bool = False) -> dict[str, D2LoraLayer]:
+def attach_d2lora(
+    model: nn.Module, targets, r: int, lora_alpha: float, tau: float, use_rslora: bool = False
+) -> dict[str, D2LoraLayer]:
     """Freeze the model and wrap every Linear/Conv1D whose path `targets(path)` accepts; path -> layer."""
     model.requires_grad_(False)
     chosen = [(path, m) for path, m in model.named_modules() if isinstance(m, ADAPTABLE) and targets(path)]

@@ -9,6 +9,7 @@ is the step itself, shared with benchmarks/train_step.py.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import statistics
@@ -70,7 +71,7 @@ class StepRecord:
 
 def loss_volatility(losses: list[float]) -> float | None:
     """The standard deviation of the step-to-step loss change (None under three steps)."""
-    changes = [b - a for a, b in zip(losses, losses[1:])]
+    changes = [b - a for a, b in itertools.pairwise(losses)]
     return statistics.stdev(changes) if len(changes) >= 2 else None
 
 
@@ -85,7 +86,8 @@ class Trainer:
         warmup = math.ceil(config.warmup_ratio * total_steps)
         decay = SCHEDULES[config.schedule]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(step, total_steps, warmup, decay))
+            self.optimizer, lambda step: lr_factor(step, total_steps, warmup, decay)
+        )
 
     def step(self, batch: dict[str, torch.Tensor]) -> tuple[float, float, float]:
         """Forward, backward, clip, update.  -> (loss, grad norm before clipping, seconds)"""
@@ -116,11 +118,15 @@ def load_model(base_dir: Path) -> nn.Module:
 
 def run_epochs(trainer: Trainer, examples: list[Example], pad_id: int, progress: bool | None) -> list[StepRecord]:
     config = trainer.config
-    plan = [(epoch, batch) for epoch in range(config.epochs)
-            for batch in batches(examples, config.batch_size, config.seed, epoch)]
+    plan = [
+        (epoch, batch)
+        for epoch in range(config.epochs)
+        for batch in batches(examples, config.batch_size, config.seed, epoch)
+    ]
     records = []
-    with tqdm(total=len(plan), desc=f"train {config.method}", unit="step",
-              disable=None if progress is None else not progress) as bar:
+    with tqdm(
+        total=len(plan), desc=f"train {config.method}", unit="step", disable=None if progress is None else not progress
+    ) as bar:
         for step, (epoch, batch) in enumerate(plan):
             inputs = collate(batch, pad_id)
             lr = trainer.scheduler.get_last_lr()[0]
@@ -145,16 +151,29 @@ class TrainResult:
         losses = [r.loss for r in self.records]
         tokens = sum(r.tokens for r in self.records)
         step_seconds = sum(r.seconds for r in self.records)
-        return {"method": config.method, "config": config.to_dict(), "examples": examples,
-                "steps": [r.to_dict() for r in self.records], "final_loss": losses[-1],
-                "loss_volatility": loss_volatility(losses), "tokens": tokens,
-                "tokens_per_s": round(tokens / step_seconds, 2), "total_seconds": round(self.seconds, 3)}
+        return {
+            "method": config.method,
+            "config": config.to_dict(),
+            "examples": examples,
+            "steps": [r.to_dict() for r in self.records],
+            "final_loss": losses[-1],
+            "loss_volatility": loss_volatility(losses),
+            "tokens": tokens,
+            "tokens_per_s": round(tokens / step_seconds, 2),
+            "total_seconds": round(self.seconds, 3),
+        }
 
 
-def train(base_dir: str | Path, data_path: str | Path, out_dir: str | Path, config: TrainConfig = TrainConfig(),
-          progress: bool | None = None) -> TrainResult:
-    """Train one adapter on a JSONL file; write the artifact and train_log.json at out_dir."""
+def train(
+    base_dir: str | Path,
+    data_path: str | Path,
+    out_dir: str | Path,
+    config: TrainConfig | None = None,
+    progress: bool | None = None,
+) -> TrainResult:
+    """Train one adapter on a JSONL file; write the artifact and train_log.json at out_dir (default TrainConfig())."""
     start = time.perf_counter()
+    config = config or TrainConfig()
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     if out_dir.exists():
         raise TrainError(f"--out: {out_dir} already exists")

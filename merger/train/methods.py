@@ -40,8 +40,14 @@ def check_targets_exist(base_dir: Path, config: TrainConfig) -> None:
     finally:
         reader.close()
     matches = AdapterConfig("D2LORA", config.r, config.lora_alpha, config.targets).targets
-    _check_matched(sum(1 for key, shape in shapes.items()
-                       if key.endswith(".weight") and len(shape) == 2 and matches(key.removesuffix(".weight"))), config)
+    _check_matched(
+        sum(
+            1
+            for key, shape in shapes.items()
+            if key.endswith(".weight") and len(shape) == 2 and matches(key.removesuffix(".weight"))
+        ),
+        config,
+    )
 
 
 class TrainingMethod:
@@ -71,11 +77,19 @@ class D2LoraMethod(TrainingMethod):
     def save(self, model, out_dir, config, base_name):
         layers = [m for m in model.modules() if isinstance(m, D2LoraLayer)]
         adapter_config = AdapterConfig(
-            peft_type="D2LORA", r=config.r, lora_alpha=config.lora_alpha, target_modules=config.targets,
-            tau=config.tau, fan_in_fan_out=layers[0].fan_in_fan_out, base_model_name_or_path=base_name,
+            peft_type="D2LORA",
+            r=config.r,
+            lora_alpha=config.lora_alpha,
+            target_modules=config.targets,
+            tau=config.tau,
+            fan_in_fan_out=layers[0].fan_in_fan_out,
+            base_model_name_or_path=base_name,
         )
-        tensors = {f"{KEY_PREFIX}{layer.path}.{name}": factor.detach().contiguous()
-                   for layer in layers for name, factor in layer.factors().items()}
+        tensors = {
+            f"{KEY_PREFIX}{layer.path}.{name}": factor.detach().contiguous()
+            for layer in layers
+            for name, factor in layer.factors().items()
+        }
         save_file(tensors, str(out_dir / WEIGHTS_NAME))
         (out_dir / CONFIG_NAME).write_text(json.dumps(adapter_config.to_dict(), indent=2) + "\n")
 
@@ -87,8 +101,13 @@ class PeftLoraMethod(TrainingMethod):
     def attach(self, model, config):
         from peft import LoraConfig, get_peft_model
 
-        peft_config = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, target_modules=list(config.targets),
-                                 lora_dropout=0.0, use_dora=self.use_dora)
+        peft_config = LoraConfig(
+            r=config.r,
+            lora_alpha=config.lora_alpha,
+            target_modules=list(config.targets),
+            lora_dropout=0.0,
+            use_dora=self.use_dora,
+        )
         try:
             wrapped = get_peft_model(model, peft_config)
         except ValueError as err:  # PEFT's "Target modules ... not found in the base model"

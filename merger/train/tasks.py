@@ -28,8 +28,20 @@ TRAIN_SIZE = 48
 EVAL_SIZE = 32
 # One epoch of 6 steps per task: a few minutes on 2 CPU cores; the tasks are learnt within ~5 steps at this lr.
 DEMO_TRAIN_CONFIG = TrainConfig(r=8, lora_alpha=16, lr=1e-3, epochs=1, batch_size=8, max_length=256, seed=0)
-MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-          "November", "December")
+MONTHS = (
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+)
 NAMES = ("Ana", "Ben", "Cleo", "Dev", "Emil", "Fatima", "Gus", "Hana", "Ivan", "Jade", "Kofi", "Lena")
 COLORS = ("red", "blue", "green", "yellow", "black", "white", "orange", "purple", "brown", "pink")
 OBJECTS = ("kite", "drum", "lamp", "boat", "chair", "hat", "clock", "book", "bike", "cup")
@@ -90,8 +102,12 @@ class DateIsoTask(DemoTask):
         year, month, day = rng.randint(1950, 2030), rng.randint(1, 12), rng.randint(1, 28)
         prompt = f"Rewrite the date {MONTHS[month - 1]} {day}, {year} in ISO format (YYYY-MM-DD)."
         answer = f"{year}-{month:02d}-{day:02d}"
-        distractors = [f"{year}-{day:02d}-{month:02d}", f"{year + 1}-{month:02d}-{day:02d}",
-                       f"{year}-{month % 12 + 1:02d}-{day:02d}", f"{year - 1}-{month:02d}-{day:02d}"]
+        distractors = [
+            f"{year}-{day:02d}-{month:02d}",
+            f"{year + 1}-{month:02d}-{day:02d}",
+            f"{year}-{month % 12 + 1:02d}-{day:02d}",
+            f"{year - 1}-{month:02d}-{day:02d}",
+        ]
         return TaskExample(prompt, answer, _choices(rng, answer, distractors))
 
 
@@ -100,7 +116,7 @@ class ReadingQaTask(DemoTask):
 
     def make(self, rng):
         names, colors, objects = (rng.sample(pool, 4) for pool in (NAMES, COLORS, OBJECTS))
-        owned = [f"{n} has a {c} {o}" for n, c, o in zip(names[:3], colors[:3], objects[:3])]
+        owned = [f"{n} has a {c} {o}" for n, c, o in zip(names[:3], colors[:3], objects[:3], strict=True)]
         context = f"{owned[0]}, {owned[1]}, and {owned[2]}."
         i = rng.randrange(3)
         if rng.random() < 0.5:
@@ -127,17 +143,21 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 def write_task_data(task: DemoTask, out_dir: str | Path) -> dict[str, Path]:
     """out_dir/<task>/train.jsonl and eval.jsonl; split -> path."""
     sizes = {"train": TRAIN_SIZE, "eval": EVAL_SIZE}
-    return {split: write_jsonl(Path(out_dir) / task.name / f"{split}.jsonl",
-                               [e.to_record() for e in task.examples(split, size)])
-            for split, size in sizes.items()}
+    return {
+        split: write_jsonl(
+            Path(out_dir) / task.name / f"{split}.jsonl", [e.to_record() for e in task.examples(split, size)]
+        )
+        for split, size in sizes.items()
+    }
 
 
 def demo_adapter_dir(cache_dir: str | Path, task: str) -> Path:
     return Path(cache_dir) / "adapters" / task
 
 
-def build_demo_adapters(cache_dir: str | Path, base_dir: str | Path,
-                        config: TrainConfig = DEMO_TRAIN_CONFIG) -> dict[str, Path]:
+def build_demo_adapters(
+    cache_dir: str | Path, base_dir: str | Path, config: TrainConfig = DEMO_TRAIN_CONFIG
+) -> dict[str, Path]:
     """Train each demo task's D²-LoRA adapter into cache_dir/adapters/<task>, skipping existing ones."""
     from merger.train.loop import train
 

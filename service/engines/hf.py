@@ -24,8 +24,8 @@ from service.engines.base import (
     TensorFile,
     register_engine,
 )
-from service.engines.tokenizer import ChatTokenizer
 from service.engines.text import ChoiceText
+from service.engines.tokenizer import ChatTokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -104,13 +104,15 @@ class TransformersEngine(Engine):
             raise ValueError(f"the prompt has {prompt_tokens} tokens; max_model_len is {self.settings.max_model_len}")
         return min(max_tokens, room)
 
-    def _advance(self, choice: ChoiceText, index: int, token: int, prompt_tokens: int,
-                 last: bool) -> GenerationChunk | None:
+    def _advance(
+        self, choice: ChoiceText, index: int, token: int, prompt_tokens: int, last: bool
+    ) -> GenerationChunk | None:
         if choice.finished:
             return None
         text = choice.add(token, is_eos=token in self.tokenizer.eos_token_ids, is_last=last)
-        return GenerationChunk(index=index, text=text, new_tokens=1, prompt_tokens=prompt_tokens,
-                               finish_reason=choice.finish_reason)
+        return GenerationChunk(
+            index=index, text=text, new_tokens=1, prompt_tokens=prompt_tokens, finish_reason=choice.finish_reason
+        )
 
     async def abort(self, request_id: str) -> None:
         self.aborted.add(request_id)

@@ -36,6 +36,6 @@ class ChoiceText:
         return self._send(text[:ready].removesuffix("\ufffd"))  # an incomplete UTF-8 sequence waits
 
     def _send(self, text: str) -> str:
-        delta = text[self.sent:] if len(text) > self.sent else ""
+        delta = text[self.sent :] if len(text) > self.sent else ""
         self.sent = max(self.sent, len(text))
         return delta

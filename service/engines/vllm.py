@@ -42,9 +42,15 @@ def sampling_params(options: SamplingOptions):
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    return SamplingParams(n=options.n, max_tokens=options.max_tokens, temperature=options.temperature,
-                          top_p=options.top_p, seed=options.seed, stop=list(options.stop),
-                          output_kind=RequestOutputKind.DELTA)
+    return SamplingParams(
+        n=options.n,
+        max_tokens=options.max_tokens,
+        temperature=options.temperature,
+        top_p=options.top_p,
+        seed=options.seed,
+        stop=list(options.stop),
+        output_kind=RequestOutputKind.DELTA,
+    )
 
 
 def packed_siblings(name: str, packed: dict[str, list[str]]) -> set[str]:
@@ -61,7 +67,6 @@ class VllmEngine(Engine):
 
     async def start(self, base_dir: Path) -> None:
         configure_environment(self.settings.kv_cache_gib)
-        from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.base = BaseTensors(base_dir)
@@ -73,10 +78,17 @@ class VllmEngine(Engine):
         from vllm import AsyncEngineArgs
 
         s = self.settings
-        return AsyncEngineArgs(model=str(base_dir), dtype=s.dtype, enforce_eager=True, seed=0,
-                               max_model_len=s.max_model_len, max_num_seqs=s.max_num_seqs,
-                               gpu_memory_utilization=s.gpu_memory_utilization,
-                               worker_extension_cls=WORKER_EXTENSION, disable_log_stats=True)
+        return AsyncEngineArgs(
+            model=str(base_dir),
+            dtype=s.dtype,
+            enforce_eager=True,
+            seed=0,
+            max_model_len=s.max_model_len,
+            max_num_seqs=s.max_num_seqs,
+            gpu_memory_utilization=s.gpu_memory_utilization,
+            worker_extension_cls=WORKER_EXTENSION,
+            disable_log_stats=True,
+        )
 
     async def load_weights(self, files: Sequence[TensorFile]) -> None:
         complete = [*files, *self.base.slices(self._missing_parts(files))]
@@ -95,8 +107,13 @@ class VllmEngine(Engine):
         async for output in stream:
             prompt_tokens = len(output.prompt_token_ids or ())
             for choice in output.outputs:
-                yield GenerationChunk(index=choice.index, text=choice.text, new_tokens=len(choice.token_ids),
-                                      prompt_tokens=prompt_tokens, finish_reason=choice.finish_reason)
+                yield GenerationChunk(
+                    index=choice.index,
+                    text=choice.text,
+                    new_tokens=len(choice.token_ids),
+                    prompt_tokens=prompt_tokens,
+                    finish_reason=choice.finish_reason,
+                )
 
     async def abort(self, request_id: str) -> None:
         await self.llm.abort(request_id)

@@ -90,9 +90,12 @@ class PackedCpuWeights:
     @staticmethod
     def handles(module: torch.nn.Module) -> bool:
         """A single-partition unquantized Linear whose weight vLLM-CPU moved into a packed handle."""
-        return (isinstance(getattr(module, "quant_method", None), UnquantizedLinearMethod)
-                and hasattr(module, "cpu_linear") and module.weight.numel() == 0
-                and getattr(module, "tp_size", 1) == 1)
+        return (
+            isinstance(getattr(module, "quant_method", None), UnquantizedLinearMethod)
+            and hasattr(module, "cpu_linear")
+            and module.weight.numel() == 0
+            and getattr(module, "tp_size", 1) == 1
+        )
 
     def load(self, modules: dict[str, torch.nn.Module], destinations: dict[str, Destination], files: Files) -> None:
         parts: dict[str, list[tuple[int, torch.Tensor]]] = defaultdict(list)
@@ -109,7 +112,7 @@ class PackedCpuWeights:
             raise ValueError(f"{path}: a swap must bring all {len(offsets) - 1} parts of the module together")
         staging = self._staging(path, module)  # (out, in)
         for part, tensor in parts:
-            rows = staging[offsets[part]:offsets[part + 1]]
+            rows = staging[offsets[part] : offsets[part + 1]]
             if rows.shape != tensor.shape:
                 raise ValueError(f"{path}: part {part} has shape {list(tensor.shape)}, expected {list(rows.shape)}")
             rows.copy_(tensor)
@@ -131,8 +134,11 @@ def _part_offsets(module: torch.nn.Module) -> list[int]:
 
 def _destinations(model: torch.nn.Module, names: list[str]) -> dict[str, Destination]:
     """Checkpoint tensor name -> the vLLM module it loads into, and which part of it."""
-    position = {part: (packed, index) for packed, parts in getattr(model, "packed_modules_mapping", {}).items()
-                for index, part in enumerate(parts)}
+    position = {
+        part: (packed, index)
+        for packed, parts in getattr(model, "packed_modules_mapping", {}).items()
+        for index, part in enumerate(parts)
+    }
     destinations = {}
     for name in names:
         parent, _, leaf = name.rpartition(".")[0].rpartition(".")

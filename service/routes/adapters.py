@@ -12,13 +12,18 @@ from service.registry import AdapterRecord
 router = APIRouter(prefix="/adapters", tags=["management"], dependencies=[Depends(require_admin)])
 
 
-@router.post("", status_code=201, response_model=AdapterRecord,
-             responses={202: {"model": AdapterRecord, "description": "accepted; merging (?wait=false)"}})
+@router.post(
+    "",
+    status_code=201,
+    response_model=AdapterRecord,
+    responses={202: {"model": AdapterRecord, "description": "accepted; merging (?wait=false)"}},
+)
 async def upload_adapter(request: Request, wait: bool = True, replace: bool = False):
     record = await request.app.state.adapters.upload(request, wait=wait, replace=replace)
     status = 201 if record.status == "ready" else 202
-    return JSONResponse(record.model_dump(mode="json"), status_code=status,
-                        headers={"Location": f"/adapters/{record.name}"})
+    return JSONResponse(
+        record.model_dump(mode="json"), status_code=status, headers={"Location": f"/adapters/{record.name}"}
+    )
 
 
 @router.get("")

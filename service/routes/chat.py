@@ -8,8 +8,9 @@ from service.auth import require_api_key
 from service.inference import refuse_when_full
 from service.protocol import ChatCompletionRequest, ChatCompletionResponse
 
-router = APIRouter(prefix="/v1", tags=["inference"],
-                   dependencies=[Depends(require_api_key), Depends(refuse_when_full)])  # 401, then 429
+router = APIRouter(
+    prefix="/v1", tags=["inference"], dependencies=[Depends(require_api_key), Depends(refuse_when_full)]
+)  # 401, then 429
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse)

@@ -19,8 +19,9 @@ async def health() -> dict:
 @router.get("/ready")
 async def ready(request: Request) -> dict:
     if getattr(request.app.state, "engine_dead", False):
-        raise APIError(503, "the engine died; the server is exiting so that its supervisor restarts it",
-                       code="engine_dead")
+        raise APIError(
+            503, "the engine died; the server is exiting so that its supervisor restarts it", code="engine_dead"
+        )
     if not getattr(request.app.state, "ready", False):
         raise APIError(503, "the engine is starting", code="not_ready")
     return {"status": "ready"}

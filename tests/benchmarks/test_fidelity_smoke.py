@@ -57,7 +57,7 @@ def full_sequence_logprob(model, prompt: tuple[int, ...], choice: tuple[int, ...
 def test_batched_scores_equal_one_sequence_at_a_time(planted):
     model, items = planted
     scored = score_batch(model, items, pad_id=0)
-    for item, scores in zip(items, scored.choice_logprobs):
+    for item, scores in zip(items, scored.choice_logprobs, strict=True):
         expected = [full_sequence_logprob(model, item.prompt_ids, choice) for choice in item.choice_ids]
         assert scores == pytest.approx(expected, abs=1e-4)
 

@@ -68,8 +68,22 @@ def serve(base_dir: Path, data_dir: Path, engine: str = "vllm", **settings: str)
     env = os.environ | {"D2LORA_ADMIN_TOKEN": ADMIN_TOKEN, "HF_HUB_OFFLINE": "1"}
     env |= {f"D2LORA_{name.upper()}": value for name, value in settings.items()}
     env.pop("D2LORA_API_KEYS", None)
-    command = [sys.executable, "-m", "merger.cli", "serve", "--base", str(base_dir), "--engine", engine,
-               "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir)]
+    command = [
+        sys.executable,
+        "-m",
+        "merger.cli",
+        "serve",
+        "--base",
+        str(base_dir),
+        "--engine",
+        engine,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data_dir),
+    ]
     with running(command, f"http://127.0.0.1:{port}/ready", data_dir.parent / "serve.log", env):
         yield f"http://127.0.0.1:{port}"
 
@@ -90,8 +104,12 @@ def prometheus(binary: Path, target: str, work_dir: Path) -> Iterator[str]:
     port = free_port()
     config_file = work_dir / "prometheus.yml"
     config_file.write_text(yaml.safe_dump(scrape_config(target, f"127.0.0.1:{port}")))
-    command = [str(binary), f"--config.file={config_file}", f"--storage.tsdb.path={work_dir / 'tsdb'}",
-               f"--web.listen-address=127.0.0.1:{port}"]
+    command = [
+        str(binary),
+        f"--config.file={config_file}",
+        f"--storage.tsdb.path={work_dir / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
     with running(command, f"http://127.0.0.1:{port}/-/ready", work_dir / "prometheus.log"):
         yield f"http://127.0.0.1:{port}"
 

@@ -34,8 +34,10 @@ SERVICE_NAMES = ("d2lora", "d2lora-gpu")  # the two variants of the API service 
 SETTINGS_PREFIX = "D2LORA_"
 
 # ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?error}, ${NAME?error}, $NAME; $$ is a literal $.
-_VARIABLE = re.compile(r"\$(?:(?P<escaped>\$)|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?P<op>:?[-?])?(?P<arg>[^}]*)\}"
-                       r"|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))")
+_VARIABLE = re.compile(
+    r"\$(?:(?P<escaped>\$)|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?P<op>:?[-?])?(?P<arg>[^}]*)\}"
+    r"|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))"
+)
 
 
 class MissingVariable(KeyError):
@@ -60,6 +62,7 @@ def referenced_variables(text: str) -> set[str]:
 
 def interpolate(text: str, env: dict[str, str]) -> str:
     """Compose's variable substitution in one string value."""
+
     def substitute(match: re.Match) -> str:
         if match["escaped"]:
             return "$"

@@ -100,8 +100,9 @@ def test_published_port_is_the_port_the_service_listens_on(api_services):
     from service.settings import Settings
 
     image_env = dockerfile_env(final_stage(dockerfile_instructions()))
-    listens_on = Settings(**{k.removeprefix(SETTINGS_PREFIX).lower(): v for k, v in image_env.items()
-                             if k.startswith(SETTINGS_PREFIX)}).port
+    listens_on = Settings(
+        **{k.removeprefix(SETTINGS_PREFIX).lower(): v for k, v in image_env.items() if k.startswith(SETTINGS_PREFIX)}
+    ).port
     for name, service in api_services.items():
         assert [container_port(p) for p in service["ports"]] == [listens_on], name
 

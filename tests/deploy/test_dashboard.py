@@ -42,8 +42,7 @@ def service_metrics() -> dict[str, str]:
     """name -> type of every metric service/metrics.py registers (counters as exposed, with _total)."""
     from service.metrics import REGISTRY
 
-    return {family.name + ("_total" if family.type == "counter" else ""): family.type
-            for family in REGISTRY.collect()}
+    return {family.name + ("_total" if family.type == "counter" else ""): family.type for family in REGISTRY.collect()}
 
 
 def test_the_service_registers_exactly_the_spec_metrics():

@@ -59,8 +59,9 @@ def test_hadolint_passes():
 
 
 def test_every_copied_path_is_in_the_build_context():
-    patterns = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
+    patterns = [
+        line.strip() for line in DOCKERIGNORE.read_text().splitlines() if line.strip() and not line.startswith("#")
+    ]
     for source in _copy_sources(dockerfile_instructions()):
         assert (REPO / source).exists(), f"COPY {source}: not in the repository"
         assert _dockerignore_admits(source, patterns), f"COPY {source}: excluded by .dockerignore"
@@ -101,8 +102,14 @@ def _closed_port() -> int:
 
 def test_healthcheck_fails_when_nothing_answers():
     env = {"D2LORA_PORT": str(_closed_port()), "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, str(HEALTHCHECK_SCRIPT)], cwd=REPO, env=env | {"PYTHONPATH": str(REPO)},
-                          capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        [sys.executable, str(HEALTHCHECK_SCRIPT)],
+        cwd=REPO,
+        env=env | {"PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 1
     assert "/ready" in done.stderr
 

@@ -41,10 +41,17 @@ QUERIES = _queries()
 
 def upload(client: httpx.Client, base_dir, name: str, seed: int, work_dir) -> None:
     folder = write_random_adapter(work_dir / name, base_dir, seed=seed)
-    files = {"config": (folder / "adapter_config.json").read_bytes(),
-             "weights": (folder / "adapter_model.safetensors").read_bytes()}
-    response = client.post("/adapters", data={"name": name}, files=files,
-                           headers={"Authorization": f"Bearer {live.ADMIN_TOKEN}"}, timeout=300)
+    files = {
+        "config": (folder / "adapter_config.json").read_bytes(),
+        "weights": (folder / "adapter_model.safetensors").read_bytes(),
+    }
+    response = client.post(
+        "/adapters",
+        data={"name": name},
+        files=files,
+        headers={"Authorization": f"Bearer {live.ADMIN_TOKEN}"},
+        timeout=300,
+    )
     assert response.status_code == 201, response.text
 
 
@@ -65,9 +72,11 @@ def stack(tiny_base, tmp_path_factory):
     binary = require_tool("prometheus")
     work = tmp_path_factory.mktemp("live-dashboard")
     base_dir = tiny_base("llama")
-    with live.serve(base_dir, work / "data", engine="transformers", **TINY_SERVER) as server_url, \
-            live.prometheus(binary, server_url.removeprefix("http://"), work) as prom_url, \
-            httpx.Client(base_url=server_url, timeout=120) as client:
+    with (
+        live.serve(base_dir, work / "data", engine="transformers", **TINY_SERVER) as server_url,
+        live.prometheus(binary, server_url.removeprefix("http://"), work) as prom_url,
+        httpx.Client(base_url=server_url, timeout=120) as client,
+    ):
         base_name = client.get("/v1/models").json()["data"][0]["id"]
         upload(client, base_dir, ADAPTERS[0], seed=1, work_dir=work)
         live.wait_for_scrapes(prom_url, "d2lora")
@@ -106,8 +115,14 @@ def test_completion_rate_shows_every_model_that_was_called(prometheus_url):
 
 def test_container_healthcheck_passes_once_the_server_is_ready(stack):
     port = stack[0].rsplit(":", 1)[1]
-    done = subprocess.run([sys.executable, str(HEALTHCHECK_SCRIPT)], env=os.environ | {"D2LORA_PORT": port},
-                          cwd=REPO, capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        [sys.executable, str(HEALTHCHECK_SCRIPT)],
+        env=os.environ | {"D2LORA_PORT": port},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 0, done.stderr
 
 

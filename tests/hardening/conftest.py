@@ -15,8 +15,11 @@ from tests.adapters import write_random_adapter
 from tests.hardening.server import Server
 from tests.service.conftest import hf_greedy
 
-ADAPTERS = {"qv": (["q_proj", "v_proj"], 1), "qkvo": (["q_proj", "k_proj", "v_proj", "o_proj"], 2),
-            "o": (["o_proj"], 3)}
+ADAPTERS = {
+    "qv": (["q_proj", "v_proj"], 1),
+    "qkvo": (["q_proj", "k_proj", "v_proj", "o_proj"], 2),
+    "o": (["o_proj"], 3),
+}
 PROMPTS = ("The capital of France is", "Question: what is two plus two?", "A quick brown fox")
 MAX_TOKENS = 8
 
@@ -30,8 +33,10 @@ def tiny_dir(tiny_base) -> Path:
 def tiny_artifacts(tiny_dir, tmp_path_factory) -> dict[str, Path]:
     """name -> a D²-LoRA artifact folder for the tiny base (what a user uploads)."""
     root = tmp_path_factory.mktemp("hardening-adapters")
-    return {name: write_random_adapter(root / name, tiny_dir, seed=seed, scale=0.5, targets=targets)
-            for name, (targets, seed) in ADAPTERS.items()}
+    return {
+        name: write_random_adapter(root / name, tiny_dir, seed=seed, scale=0.5, targets=targets)
+        for name, (targets, seed) in ADAPTERS.items()
+    }
 
 
 @pytest.fixture(scope="session")
@@ -51,8 +56,12 @@ def start_server(tiny_dir, tmp_path_factory):
     servers = []
 
     def start(data_dir: Path | None = None, **env: str) -> Server:
-        server = Server(tiny_dir, data_dir or tmp_path_factory.mktemp("data"), tmp_path_factory.mktemp("logs"),
-                        **{"D2LORA_MAX_MODEL_LEN": "256", **env})
+        server = Server(
+            tiny_dir,
+            data_dir or tmp_path_factory.mktemp("data"),
+            tmp_path_factory.mktemp("logs"),
+            **{"D2LORA_MAX_MODEL_LEN": "256", **env},
+        )
         servers.append(server)
         server.start()
         return server
@@ -72,10 +81,13 @@ def main_server(start_server, tiny_artifacts) -> Server:
     """One server most tests share: 2 running + 4 waiting at most, a 4 MiB upload cap, every adapter uploaded."""
     from tests.service.uploading import upload_files
 
-    server = start_server(D2LORA_MAX_NUM_SEQS=str(MAX_NUM_SEQS), D2LORA_MAX_WAITING=str(MAX_WAITING),
-                          D2LORA_TIME_SLICE_S="0.5", D2LORA_MAX_UPLOAD_BYTES=str(UPLOAD_CAP_BYTES))
+    server = start_server(
+        D2LORA_MAX_NUM_SEQS=str(MAX_NUM_SEQS),
+        D2LORA_MAX_WAITING=str(MAX_WAITING),
+        D2LORA_TIME_SLICE_S="0.5",
+        D2LORA_MAX_UPLOAD_BYTES=str(UPLOAD_CAP_BYTES),
+    )
     for name, artifact in tiny_artifacts.items():
         response = upload_files(server, name, artifact)
         assert response.status_code == 201, response.text
     return server
-

@@ -15,8 +15,27 @@ from pathlib import Path
 BOMB_BYTES = 256 << 20  # zeros, a few hundred KiB once gzipped; over any cap a test server sets
 MANY_MEMBERS = 5000
 
-BAD_NAMES = ["a/b", "..", "../etc", "/abs", "ünïcödé", "x" * 200, "UPPER", ".hidden", "-dash", "a b", "a\\b",
-             "a%2Fb", "%2e%2e", "name\x00", "名前", "😀", "a" * 65, "", " "]
+BAD_NAMES = [
+    "a/b",
+    "..",
+    "../etc",
+    "/abs",
+    "ünïcödé",
+    "x" * 200,
+    "UPPER",
+    ".hidden",
+    "-dash",
+    "a b",
+    "a\\b",
+    "a%2Fb",
+    "%2e%2e",
+    "name\x00",
+    "名前",
+    "😀",
+    "a" * 65,
+    "",
+    " ",
+]
 
 
 def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "", size: int = 1) -> tarfile.TarInfo:

@@ -27,8 +27,20 @@ class Server(LiveServer):
     def start(self) -> None:
         self.starts += 1
         log = open(self.log_dir / f"server-{self.starts}.log", "wb")
-        command = [sys.executable, "-m", "merger.cli", "serve", "--base", str(self.base_dir), "--port",
-                   str(self.port), "--data-dir", str(self.data_dir), "--engine", self.engine]
+        command = [
+            sys.executable,
+            "-m",
+            "merger.cli",
+            "serve",
+            "--base",
+            str(self.base_dir),
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(self.data_dir),
+            "--engine",
+            self.engine,
+        ]
         self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         self._wait_ready()
 

@@ -32,9 +32,16 @@ CHAT = [{"role": "user", "content": PROMPTS[0]}]
 def vllm_server(tiny_dir, tmp_path_factory):
     from tests.hardening.server import Server
 
-    server = Server(tiny_dir, tmp_path_factory.mktemp("full-data"), tmp_path_factory.mktemp("full-logs"),
-                    engine="vllm", D2LORA_MAX_MODEL_LEN="256", D2LORA_KV_CACHE_GIB="1",
-                    D2LORA_MAX_NUM_SEQS=str(MAX_NUM_SEQS), D2LORA_MAX_WAITING=str(MAX_WAITING))
+    server = Server(
+        tiny_dir,
+        tmp_path_factory.mktemp("full-data"),
+        tmp_path_factory.mktemp("full-logs"),
+        engine="vllm",
+        D2LORA_MAX_MODEL_LEN="256",
+        D2LORA_KV_CACHE_GIB="1",
+        D2LORA_MAX_NUM_SEQS=str(MAX_NUM_SEQS),
+        D2LORA_MAX_WAITING=str(MAX_WAITING),
+    )
     server.start()
     yield server
     server.kill()
@@ -105,9 +112,11 @@ def test_a_full_queue_refuses_completions_and_chats_with_429_and_retry_after(vll
 
 
 def test_a_full_queue_refuses_before_the_body_is_validated_or_the_model_looked_up(vllm_server):
-    invalid = [("/v1/completions", completion(vllm_server, max_tokens=-1), 422),
-               ("/v1/chat/completions", chat(vllm_server, messages=[{"role": "robot", "content": "hi"}]), 422),
-               ("/v1/chat/completions", chat(vllm_server, model="no-such-adapter"), 404)]
+    invalid = [
+        ("/v1/completions", completion(vllm_server, max_tokens=-1), 422),
+        ("/v1/chat/completions", chat(vllm_server, messages=[{"role": "robot", "content": "hi"}]), 422),
+        ("/v1/chat/completions", chat(vllm_server, model="no-such-adapter"), 404),
+    ]
     with queue_held_full(vllm_server):
         for path, body, _ in invalid:
             assert_queue_full(post(vllm_server, path, body))

@@ -23,13 +23,22 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
-    max_leaves=20)
+    max_leaves=20,
+)
 anything = st.one_of(json_values, st.integers(min_value=-(2**70), max_value=2**70), st.text(max_size=200))
 small_max_tokens = st.one_of(st.integers(max_value=4), anything)
 sampling_fields = {
-    "max_tokens": small_max_tokens, "temperature": anything, "top_p": anything, "seed": anything,
-    "stop": anything, "n": st.one_of(st.integers(min_value=-3, max_value=9), anything), "stream": anything,
-    "stream_options": anything, "user": anything, "logprobs": anything, "max_completion_tokens": small_max_tokens,
+    "max_tokens": small_max_tokens,
+    "temperature": anything,
+    "top_p": anything,
+    "seed": anything,
+    "stop": anything,
+    "n": st.one_of(st.integers(min_value=-3, max_value=9), anything),
+    "stream": anything,
+    "stream_options": anything,
+    "user": anything,
+    "logprobs": anything,
+    "max_completion_tokens": small_max_tokens,
 }
 
 
@@ -41,9 +50,17 @@ def near_valid(required: dict) -> st.SearchStrategy[dict]:
 model_names = st.one_of(st.sampled_from(["qv", "o", "../../etc/passwd", "", "x" * 300]), st.text(max_size=30))
 completion_bodies = near_valid({"model": model_names, "prompt": st.one_of(st.sampled_from(PROMPTS), anything)})
 messages = st.one_of(
-    st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "tool", "nobody"]),
-                                    "content": st.one_of(st.text(max_size=40), anything)}), max_size=3),
-    anything)
+    st.lists(
+        st.fixed_dictionaries(
+            {
+                "role": st.sampled_from(["user", "system", "tool", "nobody"]),
+                "content": st.one_of(st.text(max_size=40), anything),
+            }
+        ),
+        max_size=3,
+    ),
+    anything,
+)
 chat_bodies = near_valid({"model": model_names, "messages": messages})
 
 

@@ -9,6 +9,7 @@ leave it serving, and it sees the restarted server's uploads.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -25,19 +26,20 @@ BOUNDARY = "hardeningboundary"
 
 def trickled_upload(server, name: str, config: bytes, stop: threading.Event) -> None:
     """An upload whose body keeps coming until `stop` (or the server dies)."""
+
     def body():
-        yield (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="name"\r\n\r\n{name}\r\n'
-               f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="config"; filename="c.json"\r\n\r\n').encode()
+        yield (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="name"\r\n\r\n{name}\r\n'
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="config"; filename="c.json"\r\n\r\n'
+        ).encode()
         yield config
         yield (f'\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name="weights"; filename="w"\r\n\r\n').encode()
         while not stop.wait(0.05):
             yield b"\0" * 1024
 
     headers = {**server.admin_headers(), "Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
-    try:
+    with contextlib.suppress(httpx.HTTPError):
         httpx.post(f"{server.url}/adapters", content=body(), headers=headers, timeout=60)
-    except httpx.HTTPError:
-        pass
 
 
 def swapping(server, stop: threading.Event) -> None:
@@ -58,8 +60,10 @@ def crashed(start_server, tiny_artifacts):
     replica = start_server(data_dir=server.data_dir)
     stop = threading.Event()
     config = (tiny_artifacts["qv"] / CONFIG_NAME).read_bytes()
-    workers = [threading.Thread(target=trickled_upload, args=(server, "trickle", config, stop)),
-               threading.Thread(target=swapping, args=(server, stop))]
+    workers = [
+        threading.Thread(target=trickled_upload, args=(server, "trickle", config, stop)),
+        threading.Thread(target=swapping, args=(server, stop)),
+    ]
     for worker in workers:
         worker.start()
     time.sleep(1.0)

@@ -25,10 +25,15 @@ def test_no_operation_answers_5xx(main_server):
     assert len(operations) >= 7
 
     for operation in operations:
+
         @FUZZ
         @given(case=operation.as_strategy())
         def fuzz(case):
-            case.call_and_validate(base_url=main_server.url, headers=main_server.admin_headers(),
-                                   checks=[not_a_server_error, no_traceback], timeout=120)
+            case.call_and_validate(
+                base_url=main_server.url,
+                headers=main_server.admin_headers(),
+                checks=[not_a_server_error, no_traceback],
+                timeout=120,
+            )
 
         fuzz()

@@ -47,7 +47,8 @@ def test_a_dead_replicas_merge_is_failed_and_its_temp_files_go_while_another_liv
     record = restarted.latest("beta")
     assert record.status == "failed" and record.error == INTERRUPTED
     assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == sorted(
-        [live.owner, f"{live.owner}.lock", restarted.owner, f"{restarted.owner}.lock"])
+        [live.owner, f"{live.owner}.lock", restarted.owner, f"{restarted.owner}.lock"]
+    )
 
 
 def test_replicas_see_each_others_uploads_replacements_and_deletions(tmp_path):
@@ -62,7 +63,9 @@ def test_replicas_see_each_others_uploads_replacements_and_deletions(tmp_path):
 
 def test_replicas_never_take_the_same_version(tmp_path):
     one, two = started(tmp_path), started(tmp_path)
-    versions = [one.new_version("delta", kind="D2LORA", base_model="base").version,
-                two.new_version("delta", kind="D2LORA", base_model="base").version,
-                one.new_version("delta", kind="D2LORA", base_model="base").version]
+    versions = [
+        one.new_version("delta", kind="D2LORA", base_model="base").version,
+        two.new_version("delta", kind="D2LORA", base_model="base").version,
+        one.new_version("delta", kind="D2LORA", base_model="base").version,
+    ]
     assert versions == [1, 2, 3]

@@ -57,8 +57,7 @@ def assert_still_serving(server, references) -> None:
     assert [server.answer("qv", p, 8) for p in PROMPTS] == references["qv"]
 
 
-def test_a_full_data_dir_refuses_uploads_with_507_and_serving_goes_on(tmpfs_server, tiny_artifacts,
-                                                                      tiny_references):
+def test_a_full_data_dir_refuses_uploads_with_507_and_serving_goes_on(tmpfs_server, tiny_artifacts, tiny_references):
     fill(tmpfs_server.data_dir)
     try:
         assert_refused_507(upload_files(tmpfs_server, "full", tiny_artifacts["o"]), "No space left on device")
@@ -80,8 +79,9 @@ def test_a_merge_that_runs_out_of_space_is_a_507_and_leaves_nothing(tmpfs_server
         (tmpfs_server.data_dir / "ballast").unlink()
 
 
-def test_a_read_only_data_dir_refuses_uploads_with_507_and_serving_goes_on(tmpfs_server, tiny_artifacts,
-                                                                           tiny_references):
+def test_a_read_only_data_dir_refuses_uploads_with_507_and_serving_goes_on(
+    tmpfs_server, tiny_artifacts, tiny_references
+):
     mount("-o", "remount,ro", str(tmpfs_server.data_dir))
     try:
         assert_refused_507(upload_files(tmpfs_server, "readonly", tiny_artifacts["o"]), "Read-only file system")

@@ -30,8 +30,20 @@ def assert_nothing_left(server) -> None:
     assert list((server.data_dir / "tmp" / lock.stem).iterdir()) == []
 
 
-@pytest.mark.parametrize("case", ["traversal", "nested traversal", "absolute path", "symlink", "hardlink", "device",
-                                  "decompression bomb", "huge member count", "zip traversal"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "traversal",
+        "nested traversal",
+        "absolute path",
+        "symlink",
+        "hardlink",
+        "device",
+        "decompression bomb",
+        "huge member count",
+        "zip traversal",
+    ],
+)
 def test_hostile_archives_are_refused(main_server, archives, case):
     with open(archives[case], "rb") as archive:
         response = post_adapter(main_server, {"name": "hostile"}, {"archive": archive})
@@ -58,8 +70,10 @@ def test_odd_names_in_paths_are_404(main_server, path):
 
 
 def test_a_declared_oversize_upload_is_refused_before_its_body(main_server):
-    head = (f"POST /adapters HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {main_server.admin_token}\r\n"
-            f"Content-Type: multipart/form-data; boundary=x\r\nContent-Length: {UPLOAD_CAP_BYTES + 1}\r\n\r\n")
+    head = (
+        f"POST /adapters HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {main_server.admin_token}\r\n"
+        f"Content-Type: multipart/form-data; boundary=x\r\nContent-Length: {UPLOAD_CAP_BYTES + 1}\r\n\r\n"
+    )
     with socket.create_connection(("127.0.0.1", main_server.port), timeout=30) as conn:
         conn.sendall(head.encode())  # and not one byte of the body
         answer = ""
@@ -89,12 +103,17 @@ def test_an_undeclared_oversize_upload_is_stopped_at_the_cap_not_buffered_whole(
 
 def management_routes(server) -> list[tuple[str, str]]:
     paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
-    return [(method.upper(), path.replace("{name}", "qv")) for path, item in paths.items()
-            for method, operation in item.items() if "management" in operation.get("tags", [])]
+    return [
+        (method.upper(), path.replace("{name}", "qv"))
+        for path, item in paths.items()
+        for method, operation in item.items()
+        if "management" in operation.get("tags", [])
+    ]
 
 
-@pytest.mark.parametrize("authorization", [None, "Bearer", "Bearer wrong", f"Bearer {API_KEY}", "Basic abc",
-                                           "Bearer " + "x" * 10_000])
+@pytest.mark.parametrize(
+    "authorization", [None, "Bearer", "Bearer wrong", f"Bearer {API_KEY}", "Basic abc", "Bearer " + "x" * 10_000]
+)
 def test_every_management_route_needs_the_admin_token(main_server, authorization):
     routes = management_routes(main_server)
     assert {method for method, _ in routes} == {"GET", "POST", "DELETE"}
@@ -103,7 +122,9 @@ def test_every_management_route_needs_the_admin_token(main_server, authorization
         response = httpx.request(method, f"{main_server.url}{path}", headers=headers)
         assert response.status_code == 401, (method, path, response.text)
         assert response.json()["error"]["code"] == "invalid_api_key"
-        assert authorization is None or authorization.partition(" ")[2] not in response.text or authorization == "Bearer"
+        assert (
+            authorization is None or authorization.partition(" ")[2] not in response.text or authorization == "Bearer"
+        )
     assert sorted(adapter_records(main_server)) == ["o", "qkvo", "qv"]
 
 

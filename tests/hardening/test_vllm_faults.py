@@ -24,8 +24,15 @@ EXIT_TIMEOUT_S = 90
 def vllm_server(tiny_dir, tiny_artifacts, tmp_path_factory):
     from tests.hardening.server import Server
 
-    server = Server(tiny_dir, tmp_path_factory.mktemp("vllm-data"), tmp_path_factory.mktemp("vllm-logs"),
-                    engine="vllm", D2LORA_MAX_MODEL_LEN="256", D2LORA_KV_CACHE_GIB="1", D2LORA_TIME_SLICE_S="0.05")
+    server = Server(
+        tiny_dir,
+        tmp_path_factory.mktemp("vllm-data"),
+        tmp_path_factory.mktemp("vllm-logs"),
+        engine="vllm",
+        D2LORA_MAX_MODEL_LEN="256",
+        D2LORA_KV_CACHE_GIB="1",
+        D2LORA_TIME_SLICE_S="0.05",
+    )
     server.start()
     for name in ("qv", "o"):
         assert upload_files(server, name, tiny_artifacts[name]).status_code == 201
@@ -44,7 +51,8 @@ def test_kill9_during_swaps_then_every_adapter_serves_its_references(vllm_server
     vllm_server.start()
     for name in (vllm_server.base_name, "qv", "o"):
         assert [complete_text(vllm_server.answer(name, p, 8)) for p in PROMPTS] == [
-            complete_text(text) for text in tiny_references[name]], name
+            complete_text(text) for text in tiny_references[name]
+        ], name
 
 
 def complete_text(text: str) -> str:

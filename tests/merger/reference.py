@@ -16,8 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 PREFIX = "base_model.model."
-FACTOR_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_A_neg.weight", "lora_B_neg.weight",
-                   "lora_magnitude_vector")
+FACTOR_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_A_neg.weight", "lora_B_neg.weight", "lora_magnitude_vector")
 
 
 def _low_rank_row(a: np.ndarray, b: np.ndarray, i: int) -> np.ndarray:
@@ -49,8 +48,14 @@ def _d2lora_row(w0_row, delta_row, f, i):
 ROW_RULES = {"LORA": _lora_row, "DORA": _dora_row, "D2LORA": _d2lora_row}
 
 
-def reference_fuse(w0_stored: torch.Tensor, factors: dict[str, torch.Tensor], kind: str, scaling: float,
-                   tau: float = 0.5, fan_in_fan_out: bool = False) -> torch.Tensor:
+def reference_fuse(
+    w0_stored: torch.Tensor,
+    factors: dict[str, torch.Tensor],
+    kind: str,
+    scaling: float,
+    tau: float = 0.5,
+    fan_in_fan_out: bool = False,
+) -> torch.Tensor:
     """Ŵ in float64, in the stored layout of w0.  Raises ZeroDivisionError on a zero-norm row."""
     w0 = w0_stored.double().numpy()
     w0 = w0.T if fan_in_fan_out else w0  # (out, in)
@@ -66,7 +71,7 @@ def reference_fuse(w0_stored: torch.Tensor, factors: dict[str, torch.Tensor], ki
 
 
 def _split(key: str) -> tuple[str, str]:
-    body = key[len(PREFIX):]
+    body = key[len(PREFIX) :]
     suffix = next(s for s in FACTOR_SUFFIXES if body.endswith("." + s))
     return body[: -len(suffix) - 1], suffix
 
@@ -89,6 +94,9 @@ def reference_weights(base_dir: Path, adapter_dir: Path) -> dict[str, torch.Tens
         path, name = _split(key)
         modules.setdefault(path, {})[name] = tensor
     base = load_base_state(base_dir)
-    return {f"{path}.weight": reference_fuse(base[f"{path}.weight"], factors, kind, scaling,
-                                             config.get("tau", 0.5), config.get("fan_in_fan_out", False))
-            for path, factors in modules.items()}
+    return {
+        f"{path}.weight": reference_fuse(
+            base[f"{path}.weight"], factors, kind, scaling, config.get("tau", 0.5), config.get("fan_in_fan_out", False)
+        )
+        for path, factors in modules.items()
+    }

@@ -73,7 +73,9 @@ def test_symlinked_weights_in_tar(capsys, llama, good_adapter, tmp_path):
     archive = tmp_path / "adapter.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(good_adapter / "adapter_config.json", arcname="adapter_config.json")
-        tar.addfile(_member("adapter_model.safetensors", tarfile.SYMTYPE, str(good_adapter / "adapter_model.safetensors")))
+        tar.addfile(
+            _member("adapter_model.safetensors", tarfile.SYMTYPE, str(good_adapter / "adapter_model.safetensors"))
+        )
     assert_refused(capsys, llama, archive, tmp_path / "out", r"is a link or special file")
 
 
@@ -116,8 +118,11 @@ def test_encrypted_zip_member(capsys, llama, good_adapter, tmp_path):
     assert_refused(capsys, llama, archive, tmp_path / "out", r"member .* is encrypted")
 
 
-@pytest.mark.parametrize("content", [b"\x1f\x8b\x08\x00" + b"\x00" * 6 + b"garbage" * 100, b"PK\x03\x04" + b"\xff" * 200],
-                         ids=["gzip", "zip"])
+@pytest.mark.parametrize(
+    "content",
+    [b"\x1f\x8b\x08\x00" + b"\x00" * 6 + b"garbage" * 100, b"PK\x03\x04" + b"\xff" * 200],
+    ids=["gzip", "zip"],
+)
 def test_corrupt_archive(capsys, llama, tmp_path, content):
     archive = tmp_path / "adapter.tar.gz"
     archive.write_bytes(content)
@@ -184,7 +189,7 @@ def test_member_larger_than_its_declared_size_is_capped(good_adapter, tmp_path):
         zf.writestr("adapter_model.safetensors", bytes(4 << 20))
     raw = bytearray(archive.read_bytes())
     central = raw.rfind(b"PK\x01\x02")  # the last central directory entry: adapter_model.safetensors
-    raw[central + 24:central + 28] = (100).to_bytes(4, "little")  # uncompressed size
+    raw[central + 24 : central + 28] = (100).to_bytes(4, "little")  # uncompressed size
     archive.write_bytes(bytes(raw))
     with pytest.raises(ArtifactError):
         read_artifact_files(archive, SMALL)

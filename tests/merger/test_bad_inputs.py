@@ -41,6 +41,7 @@ def _poison(name: str, value: float):
     def edit(tensors):
         tensors[name] = tensors[name].clone()
         tensors[name][0, 0] = value
+
     return edit
 
 
@@ -97,24 +98,53 @@ def test_missing_file(capsys, llama, adapter, tmp_path, missing):
 
 
 TENSOR_CASES = {
-    "missing factor": (lambda t: t.pop(f"{Q_PROJ}.lora_B_neg.weight"), r"q_proj: missing factor tensors lora_B_neg.weight"),
-    "shape vs base": (_set(f"{Q_PROJ}.lora_A.weight", torch.ones(4, 129)), r"q_proj.lora_A.weight: shape \[4, 129\] does not match \[4, 128\]"),
+    "missing factor": (
+        lambda t: t.pop(f"{Q_PROJ}.lora_B_neg.weight"),
+        r"q_proj: missing factor tensors lora_B_neg.weight",
+    ),
+    "shape vs base": (
+        _set(f"{Q_PROJ}.lora_A.weight", torch.ones(4, 129)),
+        r"q_proj.lora_A.weight: shape \[4, 129\] does not match \[4, 128\]",
+    ),
     "shape vs r": (_set(f"{Q_PROJ}.lora_B.weight", torch.ones(128, 3)), r"q_proj.lora_B.weight: shape \[128, 3\].*r=4"),
     "nan factor": (_poison(f"{Q_PROJ}.lora_A.weight", float("nan")), r"q_proj.lora_A.weight.*NaN or infinite"),
     "inf factor": (_poison(f"{Q_PROJ}.lora_B_neg.weight", float("inf")), r"q_proj.lora_B_neg.weight.*NaN or infinite"),
     "module not in base": (
-        lambda t: t.update({k.replace("layers.0.", "layers.9."): v.clone() for k, v in list(t.items()) if k.startswith(Q_PROJ)}),
-        r"model.layers.9.self_attn.q_proj: no such module in the base model"),
-    "factor of another kind": (_set(f"{Q_PROJ}.lora_magnitude_vector", torch.ones(128)), r"lora_magnitude_vector.*not a D2LORA factor"),
-    "magnitude in a plain LoRA": (_set(f"{Q_PROJ}.lora_magnitude_vector.weight", torch.ones(128)), r"lora_magnitude_vector.weight.*not a D2LORA factor"),
-    "integer factor": (_set(f"{Q_PROJ}.lora_A.weight", torch.ones(4, 128, dtype=torch.int32)), r"lora_A.weight.*not floating point"),
-    "unprefixed name": (_set("model.layers.0.self_attn.q_proj.lora_A.weight", torch.ones(4, 128)), r"must start with 'base_model.model.'"),
+        lambda t: t.update(
+            {k.replace("layers.0.", "layers.9."): v.clone() for k, v in list(t.items()) if k.startswith(Q_PROJ)}
+        ),
+        r"model.layers.9.self_attn.q_proj: no such module in the base model",
+    ),
+    "factor of another kind": (
+        _set(f"{Q_PROJ}.lora_magnitude_vector", torch.ones(128)),
+        r"lora_magnitude_vector.*not a D2LORA factor",
+    ),
+    "magnitude in a plain LoRA": (
+        _set(f"{Q_PROJ}.lora_magnitude_vector.weight", torch.ones(128)),
+        r"lora_magnitude_vector.weight.*not a D2LORA factor",
+    ),
+    "integer factor": (
+        _set(f"{Q_PROJ}.lora_A.weight", torch.ones(4, 128, dtype=torch.int32)),
+        r"lora_A.weight.*not floating point",
+    ),
+    "unprefixed name": (
+        _set("model.layers.0.self_attn.q_proj.lora_A.weight", torch.ones(4, 128)),
+        r"must start with 'base_model.model.'",
+    ),
     "untargeted module": (
-        lambda t: t.update({k.replace("self_attn.q_proj", "mlp.up_proj"): v.clone() for k, v in list(t.items()) if k.startswith(Q_PROJ)}),
-        r"mlp.up_proj: has factors but does not match target_modules"),
+        lambda t: t.update(
+            {
+                k.replace("self_attn.q_proj", "mlp.up_proj"): v.clone()
+                for k, v in list(t.items())
+                if k.startswith(Q_PROJ)
+            }
+        ),
+        r"mlp.up_proj: has factors but does not match target_modules",
+    ),
     "targeted module without factors": (
         lambda t: [t.pop(k) for k in list(t) if k.startswith(Q_PROJ)],
-        r"layers.0.self_attn.q_proj: matches target_modules but the artifact has no factors"),
+        r"layers.0.self_attn.q_proj: matches target_modules but the artifact has no factors",
+    ),
 }
 
 
@@ -127,11 +157,14 @@ def test_bad_tensors(capsys, llama, adapter, tmp_path, case):
 
 def test_wrong_r_in_config(capsys, llama, adapter, tmp_path):
     edit_config(adapter, r=8)
-    assert_refused(capsys, llama, adapter, tmp_path / "out", r"lora_A.weight: shape \[4, 128\] does not match \[8, 128\] \(r=8")
+    assert_refused(
+        capsys, llama, adapter, tmp_path / "out", r"lora_A.weight: shape \[4, 128\] does not match \[8, 128\] \(r=8"
+    )
 
 
-@pytest.mark.parametrize("content", [b"not safetensors at all", b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": 1}"],
-                         ids=["garbage", "bad header"])
+@pytest.mark.parametrize(
+    "content", [b"not safetensors at all", b'\x10\x00\x00\x00\x00\x00\x00\x00{"a": 1}'], ids=["garbage", "bad header"]
+)
 def test_corrupt_safetensors(capsys, llama, adapter, tmp_path, content):
     (adapter / "adapter_model.safetensors").write_bytes(content)
     assert_refused(capsys, llama, adapter, tmp_path / "out", r"adapter_model.safetensors: unreadable")
@@ -170,8 +203,11 @@ def copy_base(llama: Path, dest: Path) -> Path:
     return Path(shutil.copytree(llama, dest))
 
 
-@pytest.mark.parametrize("content", [b"garbage", b"\xff" * 8 + b"{}", b"\x08\x00\x00\x00\x00\x00\x00\x00[1, 2] "],
-                         ids=["short", "huge header", "header not object"])
+@pytest.mark.parametrize(
+    "content",
+    [b"garbage", b"\xff" * 8 + b"{}", b"\x08\x00\x00\x00\x00\x00\x00\x00[1, 2] "],
+    ids=["short", "huge header", "header not object"],
+)
 def test_corrupt_base_shard(capsys, llama, good_adapter, tmp_path, content):
     base = copy_base(llama, tmp_path / "base")
     (base / "model.safetensors").write_bytes(content)
@@ -208,13 +244,16 @@ def test_fusion_making_a_zero_norm_row(capsys, llama, adapter, tmp_path):
     def zero_rows(tensors):
         for name in ("lora_B.weight", "lora_B_neg.weight"):
             tensors[f"base_model.model.{module}.{name}"][5] = 0
+
     edit_tensors(adapter, zero_rows)
     assert_refused(capsys, base, adapter, tmp_path / "out", rf"{module}: adapted weight has zero norm in rows \[5\]")
 
 
 def test_non_finite_base_weight(capsys, llama, good_adapter, tmp_path):
     base = base_with_rows(llama, tmp_path / "base", "model.layers.1.self_attn.v_proj.weight", float("inf"))
-    assert_refused(capsys, base, good_adapter, tmp_path / "out", r"model.layers.1.self_attn.v_proj: fused weight has non-finite")
+    assert_refused(
+        capsys, base, good_adapter, tmp_path / "out", r"model.layers.1.self_attn.v_proj: fused weight has non-finite"
+    )
 
 
 def test_integer_base_weight_is_refused(capsys, llama, good_adapter, tmp_path):
@@ -222,7 +261,13 @@ def test_integer_base_weight_is_refused(capsys, llama, good_adapter, tmp_path):
     state = load_file(base / "model.safetensors")
     state["model.layers.0.self_attn.k_proj.weight"] = torch.ones(64, 128, dtype=torch.int8)
     save_file(state, base / "model.safetensors", metadata={"format": "pt"})
-    assert_refused(capsys, base, good_adapter, tmp_path / "out", r"layers.0.self_attn.k_proj: base weight is I8, not floating point")
+    assert_refused(
+        capsys,
+        base,
+        good_adapter,
+        tmp_path / "out",
+        r"layers.0.self_attn.k_proj: base weight is I8, not floating point",
+    )
 
 
 def test_fp16_overflow_is_refused(capsys, llama, adapter, tmp_path):
@@ -236,9 +281,23 @@ def test_fp16_overflow_is_refused(capsys, llama, adapter, tmp_path):
 
 def test_real_cli_process_prints_one_line(llama, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "merger.cli", "merge", "--base", str(llama), "--adapter", str(tmp_path / "nope"),
-         "--out", str(tmp_path / "out")],
-        check=False, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[2],
+        [
+            sys.executable,
+            "-m",
+            "merger.cli",
+            "merge",
+            "--base",
+            str(llama),
+            "--adapter",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parents[2],
     )
     assert result.returncode == 2
     assert result.stderr.splitlines() == [f"d2lora merge: error: {tmp_path / 'nope'}: no such file or directory"]
@@ -248,8 +307,18 @@ def test_real_cli_process_prints_one_line(llama, tmp_path):
 @pytest.mark.parametrize("size", ["0", "-5MB", "infGB", "lots"])
 def test_bad_max_shard_size(capsys, llama, good_adapter, tmp_path, size):
     with pytest.raises(SystemExit) as exited:
-        main(["merge", "--base", str(llama), "--adapter", str(good_adapter), "--out", str(tmp_path / "out"),
-              f"--max-shard-size={size}"])
+        main(
+            [
+                "merge",
+                "--base",
+                str(llama),
+                "--adapter",
+                str(good_adapter),
+                "--out",
+                str(tmp_path / "out"),
+                f"--max-shard-size={size}",
+            ]
+        )
     err = capsys.readouterr().err
     assert exited.value.code == 2 and "Traceback" not in err
     assert f"argument --max-shard-size: '{size}' is not a" in err

@@ -23,7 +23,10 @@ OUT, IN, R = 24, 16, 4
 
 def random_factors(kind: str, out: int, inp: int, r: int, seed: int, scale: float = 0.3) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    factors = {"lora_A.weight": torch.randn(r, inp, generator=gen), "lora_B.weight": scale * torch.randn(out, r, generator=gen)}
+    factors = {
+        "lora_A.weight": torch.randn(r, inp, generator=gen),
+        "lora_B.weight": scale * torch.randn(out, r, generator=gen),
+    }
     if kind == "D2LORA":
         factors["lora_A_neg.weight"] = torch.randn(r, inp, generator=gen)
         factors["lora_B_neg.weight"] = scale * torch.randn(out, r, generator=gen)
@@ -69,8 +72,14 @@ def test_d2lora_keeps_base_row_norms_before_the_residual():
 
 
 @settings(max_examples=25, deadline=None)
-@given(out=st.integers(1, 12), inp=st.integers(1, 12), r=st.integers(1, 5), seed=st.integers(0, 2**16),
-       tau=st.floats(0, 2), scaling=st.floats(0.1, 4))
+@given(
+    out=st.integers(1, 12),
+    inp=st.integers(1, 12),
+    r=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+    tau=st.floats(0, 2),
+    scaling=st.floats(0.1, 4),
+)
 def test_d2lora_matches_the_reference_for_any_shape(out, inp, r, seed, tau, scaling):
     w0 = torch.randn(out, inp, generator=torch.Generator().manual_seed(seed)) + 0.1
     factors = random_factors("D2LORA", out, inp, r, seed)
@@ -79,12 +88,21 @@ def test_d2lora_matches_the_reference_for_any_shape(out, inp, r, seed, tau, scal
 
 
 @settings(max_examples=25, deadline=None)
-@given(out=st.integers(1, 12), inp=st.integers(1, 12), k=st.integers(1, 8), seed=st.integers(0, 2**16),
-       scaling=st.floats(0.1, 4))
+@given(
+    out=st.integers(1, 12),
+    inp=st.integers(1, 12),
+    k=st.integers(1, 8),
+    seed=st.integers(0, 2**16),
+    scaling=st.floats(0.1, 4),
+)
 def test_the_training_layers_row_norm_equals_the_dense_one(out, inp, k, seed, scaling):
     """n′ from W0 Aᵀ and A Aᵀ (what the trainer uses every step) equals ‖W0 + s·B A‖_row formed densely."""
     g = torch.Generator().manual_seed(seed)
-    w0, a, b = torch.randn(out, inp, generator=g) + 0.1, torch.randn(k, inp, generator=g), torch.randn(out, k, generator=g)
+    w0, a, b = (
+        torch.randn(out, inp, generator=g) + 0.1,
+        torch.randn(k, inp, generator=g),
+        torch.randn(out, k, generator=g),
+    )
     dense = formula.adapted_row_norm(w0, formula.low_rank_delta(a, b, scaling))
     low_rank = formula.low_rank_adapted_row_norm(w0, formula.row_norm(w0), a, b, scaling)
     torch.testing.assert_close(low_rank, dense, rtol=1e-5, atol=1e-5)

@@ -49,7 +49,9 @@ def test_base_and_output_are_sharded_with_an_index(merged):
     assert len(shard_files(base)) > 1
     shards = shard_files(out)
     assert len(shards) > 1
-    assert [s.name for s in shards] == [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    assert [s.name for s in shards] == [
+        f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)
+    ]
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(load_base_state(base))
     assert set(index["weight_map"].values()) == {s.name for s in shards}
@@ -128,7 +130,9 @@ def test_dtype_option_writes_that_dtype(tiny_base, tmp_path, dtype):
     config = json.loads((out / "config.json").read_text())
     assert config["dtype"] == dtype and "torch_dtype" not in config
     for key, expected in reference_weights(base, adapter).items():  # cast once from fp32: within one rounding
-        torch.testing.assert_close(ours[key], expected.to(DTYPES[dtype]), rtol=torch.finfo(DTYPES[dtype]).eps, atol=1e-6)
+        torch.testing.assert_close(
+            ours[key], expected.to(DTYPES[dtype]), rtol=torch.finfo(DTYPES[dtype]).eps, atol=1e-6
+        )
     assert AutoModelForCausalLM.from_pretrained(out).dtype == DTYPES[dtype]
 
 
@@ -139,7 +143,9 @@ def test_bf16_base_stays_bf16_with_auto(tiny_base, tmp_path):
     ours = load_base_state(out)
     assert {t.dtype for t in ours.values()} == {torch.bfloat16}
     for key, expected in reference_weights(base, adapter).items():
-        torch.testing.assert_close(ours[key], expected.to(torch.bfloat16), rtol=torch.finfo(torch.bfloat16).eps, atol=1e-6)
+        torch.testing.assert_close(
+            ours[key], expected.to(torch.bfloat16), rtol=torch.finfo(torch.bfloat16).eps, atol=1e-6
+        )
 
 
 def pack(folder: Path, dest: Path) -> Path:
@@ -153,7 +159,9 @@ def pack(folder: Path, dest: Path) -> Path:
     return dest
 
 
-@pytest.mark.parametrize("archive", ["adapter.tar.gz", "adapter.zip", "adapter.tar", "adapter.tar.bz2", "adapter.tar.xz"])
+@pytest.mark.parametrize(
+    "archive", ["adapter.tar.gz", "adapter.zip", "adapter.tar", "adapter.tar.bz2", "adapter.tar.xz"]
+)
 def test_archives_give_the_same_output_as_the_folder(tiny_base, tmp_path, archive):
     base = tiny_base("gpt2")
     adapter = write_random_adapter(tmp_path / "adapter", base, kind="LORA", scale=0.5)

@@ -18,8 +18,13 @@ CASES = {
     "llama-lora": ("llama", {}),
     "llama-dora": ("llama", {"use_dora": True}),
     "llama-rslora": ("llama", {"use_rslora": True}),
-    "llama-patterns": ("llama", {"rank_pattern": {"v_proj": 4, "model.layers.1.self_attn.q_proj": 2},
-                                 "alpha_pattern": {"o_proj": 3, "k_proj": 40}}),
+    "llama-patterns": (
+        "llama",
+        {
+            "rank_pattern": {"v_proj": 4, "model.layers.1.self_attn.q_proj": 2},
+            "alpha_pattern": {"o_proj": 3, "k_proj": 40},
+        },
+    ),
     "llama-layers-to-transform": ("llama", {"layers_to_transform": [1]}),
     "llama-layers-pattern": ("llama", {"layers_to_transform": 0, "layers_pattern": "layers", "use_dora": True}),
     "llama-exclude-list": ("llama", {"exclude_modules": ["model.layers.0.self_attn.k_proj"]}),
@@ -91,7 +96,9 @@ def test_dora_magnitude_with_weight_suffix_merges_the_same(peft_case, tmp_path):
     renamed.mkdir()
     (renamed / "adapter_config.json").write_bytes((adapter / "adapter_config.json").read_bytes())
     tensors = load_file(adapter / "adapter_model.safetensors")
-    save_file({k + ".weight" if k.endswith("lora_magnitude_vector") else k: v for k, v in tensors.items()},
-              renamed / "adapter_model.safetensors")
+    save_file(
+        {k + ".weight" if k.endswith("lora_magnitude_vector") else k: v for k, v in tensors.items()},
+        renamed / "adapter_model.safetensors",
+    )
     merge(base, renamed, tmp_path / "out")
     assert_matches_peft(tmp_path / "out", base, peft_merged)

@@ -14,7 +14,7 @@ from merger.artifact import Adapter
 from merger.cli import main
 from merger.demo import build_demo_model
 from merger.merge import merge
-from merger.report import Thresholds, ThresholdError
+from merger.report import ThresholdError, Thresholds
 from merger.unmerged import UnmergedLinear, load_unmerged, model_shapes
 from merger.verify import verify
 from service.settings import get_settings
@@ -52,8 +52,9 @@ def demo_base():
 
 @pytest.fixture(scope="session")
 def demo_adapter(demo_base, tmp_path_factory):
-    return write_random_adapter(tmp_path_factory.mktemp("demo-adapter"), demo_base, "D2LORA", r=8, alpha=16, seed=1,
-                                relative_size=0.05)
+    return write_random_adapter(
+        tmp_path_factory.mktemp("demo-adapter"), demo_base, "D2LORA", r=8, alpha=16, seed=1, relative_size=0.05
+    )
 
 
 def dense_merged_model(base_dir, adapter: Adapter) -> torch.nn.Module:
@@ -115,8 +116,9 @@ def test_verify_fails_when_the_merged_folder_holds_another_adapter(tiny_base, ad
     report = verify(tiny_base("llama"), other, merged_dir=merged_llama)
     assert not report.passed
     assert any("weight_error" in reason for reason in report.failures)
-    assert main(["verify", "--base", str(tiny_base("llama")), "--adapter", str(other),
-                 "--merged", str(merged_llama)]) == 1
+    assert (
+        main(["verify", "--base", str(tiny_base("llama")), "--adapter", str(other), "--merged", str(merged_llama)]) == 1
+    )
 
 
 def _perturbed_copy(merged_dir, dst, tensor_name: str, amount: float):
@@ -128,10 +130,13 @@ def _perturbed_copy(merged_dir, dst, tensor_name: str, amount: float):
     return dst
 
 
-@pytest.mark.parametrize(("tensor_name", "failed_metric"), [
-    ("model.layers.1.self_attn.o_proj.weight", "max_relative_weight_error"),
-    ("model.layers.0.mlp.up_proj.weight", "max_untouched_abs_diff"),
-])
+@pytest.mark.parametrize(
+    ("tensor_name", "failed_metric"),
+    [
+        ("model.layers.1.self_attn.o_proj.weight", "max_relative_weight_error"),
+        ("model.layers.0.mlp.up_proj.weight", "max_untouched_abs_diff"),
+    ],
+)
 def test_verify_fails_on_a_perturbed_tensor(tiny_base, adapter_dir, merged_llama, tmp_path, tensor_name, failed_metric):
     tampered = _perturbed_copy(merged_llama, tmp_path / "tampered", tensor_name, 1e-3)
     report = verify(tiny_base("llama"), adapter_dir("llama", "D2LORA"), merged_dir=tampered)
@@ -142,8 +147,19 @@ def test_verify_fails_on_a_perturbed_tensor(tiny_base, adapter_dir, merged_llama
 
 def test_cli_verify_writes_the_json_report(tiny_base, adapter_dir, merged_llama, tmp_path, capsys):
     out = tmp_path / "report.json"
-    code = main(["verify", "--base", str(tiny_base("llama")), "--adapter", str(adapter_dir("llama", "D2LORA")),
-                 "--merged", str(merged_llama), "--json", str(out)])
+    code = main(
+        [
+            "verify",
+            "--base",
+            str(tiny_base("llama")),
+            "--adapter",
+            str(adapter_dir("llama", "D2LORA")),
+            "--merged",
+            str(merged_llama),
+            "--json",
+            str(out),
+        ]
+    )
     written = json.loads(out.read_text())
     assert code == 0 and written["passed"] is True and written["failures"] == []
     assert written["merged_dtype"] == "float32" and written["logits"]["greedy_agreement"] == 1.0
@@ -152,16 +168,33 @@ def test_cli_verify_writes_the_json_report(tiny_base, adapter_dir, merged_llama,
 
 
 def test_cli_verify_dtype_that_contradicts_the_merged_folder_is_a_one_line_error(
-        tiny_base, adapter_dir, merged_llama, capsys):
-    code = main(["verify", "--base", str(tiny_base("llama")), "--adapter", str(adapter_dir("llama", "D2LORA")),
-                 "--merged", str(merged_llama), "--dtype", "bfloat16"])
+    tiny_base, adapter_dir, merged_llama, capsys
+):
+    code = main(
+        [
+            "verify",
+            "--base",
+            str(tiny_base("llama")),
+            "--adapter",
+            str(adapter_dir("llama", "D2LORA")),
+            "--merged",
+            str(merged_llama),
+            "--dtype",
+            "bfloat16",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "float32" in err
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("min_top1_agreement", 1.5), ("max_relative_logit_error", -1.0), ("min_greedy_agreement", float("nan")),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("min_top1_agreement", 1.5),
+        ("max_relative_logit_error", -1.0),
+        ("min_greedy_agreement", float("nan")),
+    ],
+)
 def test_bad_thresholds_name_the_field(field, value):
     with pytest.raises(ThresholdError, match=field):
         Thresholds(**{field: value})

@@ -21,8 +21,11 @@ from service.settings import Settings
 from tests.adapters import write_random_adapter
 
 # name -> (target modules, seed): different target sets, so a swap must put tensors back to the base
-ADAPTERS = {"qv": (["q_proj", "v_proj"], 1), "qkvo": (["q_proj", "k_proj", "v_proj", "o_proj"], 2),
-            "o-mlp": (["o_proj", "gate_proj", "down_proj"], 3)}  # gate without up: the engine adds the base's up_proj
+ADAPTERS = {
+    "qv": (["q_proj", "v_proj"], 1),
+    "qkvo": (["q_proj", "k_proj", "v_proj", "o_proj"], 2),
+    "o-mlp": (["o_proj", "gate_proj", "down_proj"], 3),
+}  # gate without up: the engine adds the base's up_proj
 PROMPTS = ("The capital of France is", "def fibonacci(n):", "Once upon a time, a small robot")
 MAX_TOKENS = 8
 
@@ -84,7 +87,7 @@ def hf_greedy(model_dir: Path, prompts: tuple[str, ...], max_tokens: int) -> lis
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]  # (1, t)
         out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False)  # (1, t + new)
-        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
     return answers
 
 
@@ -97,8 +100,16 @@ def references(demo_dir, adapters) -> dict[str, list[str]]:
 
 
 def engine_settings(engine: str, **overrides) -> Settings:
-    fields = dict(engine=engine, dtype="float32", kv_cache_gib=1, max_num_seqs=16, max_model_len=512,
-                  max_resident=1, max_waiting=24, time_slice_s=0.5)
+    fields = {
+        "engine": engine,
+        "dtype": "float32",
+        "kv_cache_gib": 1,
+        "max_num_seqs": 16,
+        "max_model_len": 512,
+        "max_resident": 1,
+        "max_waiting": 24,
+        "time_slice_s": 0.5,
+    }
     return Settings(**{**fields, **overrides})
 
 
@@ -144,8 +155,12 @@ UPLOAD_CAP_BYTES = 32 << 20
 def live_server(demo_dir, tmp_path_factory):
     from tests.service.live import LiveServer
 
-    server = LiveServer(demo_dir, tmp_path_factory.mktemp("data"), tmp_path_factory.mktemp("logs"),
-                        D2LORA_MAX_UPLOAD_BYTES=str(UPLOAD_CAP_BYTES))
+    server = LiveServer(
+        demo_dir,
+        tmp_path_factory.mktemp("data"),
+        tmp_path_factory.mktemp("logs"),
+        D2LORA_MAX_UPLOAD_BYTES=str(UPLOAD_CAP_BYTES),
+    )
     server.start()
     yield server
     server.stop()

@@ -33,8 +33,13 @@ class LiveServer:
         self.base_dir, self.data_dir, self.log_dir = base_dir, data_dir, log_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1",
-                    "D2LORA_API_KEYS": API_KEY, **env}
+        self.env = {
+            **os.environ,
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            "HF_HUB_OFFLINE": "1",
+            "D2LORA_API_KEYS": API_KEY,
+            **env,
+        }
         self.process: subprocess.Popen | None = None
         self.starts = 0
 
@@ -52,8 +57,20 @@ class LiveServer:
     def start(self) -> None:
         self.starts += 1
         log = open(self.log_dir / f"server-{self.starts}.log", "wb")
-        command = [sys.executable, "-m", "merger.cli", "serve", "--base", str(self.base_dir), "--port",
-                   str(self.port), "--data-dir", str(self.data_dir), "--engine", "vllm"]
+        command = [
+            sys.executable,
+            "-m",
+            "merger.cli",
+            "serve",
+            "--base",
+            str(self.base_dir),
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(self.data_dir),
+            "--engine",
+            "vllm",
+        ]
         self.process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         self._wait_ready()
 
@@ -99,4 +116,3 @@ class LiveServer:
     def restart(self) -> None:
         self.stop()
         self.start()
-

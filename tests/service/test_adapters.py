@@ -43,6 +43,7 @@ def test_get_one_adapter_and_a_missing_one(live_server, uploaded):
 
 # refusals: each leaves the registry (and the data dir) as it was
 
+
 def rewritten_config(src, dst, **changes):
     shutil.copytree(src, dst)
     config = json.loads((dst / CONFIG_NAME).read_text())
@@ -90,16 +91,19 @@ def bad_upload(kind: str, artifacts, tmp_path):
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind, status, words", [
-    ("bad-name", 400, "must match"),
-    ("no-name", 400, "'name' is required"),
-    ("config-only", 400, "either files"),
-    ("config-not-json", 422, "not valid JSON"),
-    ("other-base", 422, "base_model_name_or_path"),
-    ("wrong-shapes", 422, "shape"),
-    ("pickle", 422, "pickle"),
-    ("too-large", 413, "limit"),
-])
+@pytest.mark.parametrize(
+    "kind, status, words",
+    [
+        ("bad-name", 400, "must match"),
+        ("no-name", 400, "'name' is required"),
+        ("config-only", 400, "either files"),
+        ("config-not-json", 422, "not valid JSON"),
+        ("other-base", 422, "base_model_name_or_path"),
+        ("wrong-shapes", 422, "shape"),
+        ("pickle", 422, "pickle"),
+        ("too-large", 413, "limit"),
+    ],
+)
 def test_bad_uploads_are_refused_and_change_nothing(live_server, artifacts, tmp_path, kind, status, words):
     before = adapter_records(live_server)
     response = post_adapter(live_server, *bad_upload(kind, artifacts, tmp_path))
@@ -133,14 +137,17 @@ def test_the_base_models_name_is_409(live_server, uploaded, artifacts):
 
 # the asynchronous flow, replacement and deletion, on a name of their own
 
+
 @pytest.fixture(scope="module")
 def client(live_server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{live_server.url}/v1", api_key=API_KEY, timeout=300, max_retries=0)
 
 
 def greedy_answers(client, model: str) -> list[str]:
-    return [client.completions.create(model=model, prompt=p, max_tokens=MAX_TOKENS, temperature=0).choices[0].text
-            for p in PROMPTS]
+    return [
+        client.completions.create(model=model, prompt=p, max_tokens=MAX_TOKENS, temperature=0).choices[0].text
+        for p in PROMPTS
+    ]
 
 
 def test_wait_false_answers_202_then_the_record_becomes_ready(live_server, uploaded, artifacts, client, references):
@@ -162,7 +169,9 @@ def test_replace_swaps_in_the_new_version_and_the_old_serves_meanwhile(live_serv
     assert record["status"] == "ready" and record["version"] == 2
     assert greedy_answers(client, "scratch") == references["qv"]
     assert sorted(p.name for p in (live_server.data_dir / "adapters" / "scratch").iterdir()) == [
-        "000002.json", "000002.safetensors"]
+        "000002.json",
+        "000002.safetensors",
+    ]
 
 
 def test_delete_removes_the_adapter_everywhere(live_server, client):

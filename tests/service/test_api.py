@@ -53,8 +53,9 @@ def test_completion_stream_equals_non_stream(client, model):
 @pytest.mark.parametrize("model", list(ADAPTERS))
 def test_chat_stream_equals_non_stream(client, model):
     whole = client.chat.completions.create(model=model, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0)
-    stream = client.chat.completions.create(model=model, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0,
-                                            stream=True)
+    stream = client.chat.completions.create(
+        model=model, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0, stream=True
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
@@ -63,14 +64,16 @@ def test_chat_stream_equals_non_stream(client, model):
 
 
 def test_chat_uses_the_bases_chat_template(client, live_server):
-    chat = client.chat.completions.create(model=live_server.base_name, messages=CHAT, max_tokens=MAX_TOKENS,
-                                          temperature=0)
+    chat = client.chat.completions.create(
+        model=live_server.base_name, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0
+    )
     plain = greedy(client, live_server.base_name, CHAT[0]["content"])
     assert chat.usage.prompt_tokens > plain.usage.prompt_tokens  # the template's role markers
 
 
 def test_n_choices_with_a_seed_are_reproducible(client):
-    ask = dict(model="qv", prompt=PROMPTS[2], max_tokens=MAX_TOKENS, temperature=1.0, top_p=0.9, n=2, seed=7)
+    ask = {"model": "qv", "prompt": PROMPTS[2], "max_tokens": MAX_TOKENS, "temperature": 1.0, "top_p": 0.9}
+    ask |= {"n": 2, "seed": 7}
     first, second = client.completions.create(**ask), client.completions.create(**ask)
     assert sorted(c.index for c in first.choices) == [0, 1]
     assert [c.text for c in first.choices] == [c.text for c in second.choices]
@@ -91,22 +94,27 @@ def test_unknown_model_is_404_in_the_openai_shape(client):
     assert err.value.body["code"] == "model_not_found" and err.value.body["param"] == "model"
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"model": "qv"}, "prompt"),
-    ({"model": "qv", "prompt": "hi", "max_tokens": 0}, "max_tokens"),
-    ({"model": "qv", "prompt": "hi", "temperature": -1}, "temperature"),
-    ({"model": "qv", "prompt": ["a", "b"]}, "prompt"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"model": "qv"}, "prompt"),
+        ({"model": "qv", "prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        ({"model": "qv", "prompt": "hi", "temperature": -1}, "temperature"),
+        ({"model": "qv", "prompt": ["a", "b"]}, "prompt"),
+    ],
+)
 def test_invalid_requests_are_422_in_the_openai_shape(live_server, uploaded, body, param):
-    response = httpx.post(f"{live_server.url}/v1/completions", json=body,
-                          headers={"Authorization": f"Bearer {API_KEY}"})
+    response = httpx.post(
+        f"{live_server.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}
+    )
     assert response.status_code == 422
     assert response.json()["error"]["param"] == param
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
 
-@pytest.mark.parametrize("method, path, status", [("GET", "/v1/nothing", 404), ("DELETE", "/v1/models", 405),
-                                                  ("PUT", "/health", 405)])
+@pytest.mark.parametrize(
+    "method, path, status", [("GET", "/v1/nothing", 404), ("DELETE", "/v1/models", 405), ("PUT", "/health", 405)]
+)
 def test_unknown_routes_and_methods_use_the_openai_shape(live_server, method, path, status):
     response = httpx.request(method, f"{live_server.url}{path}")
     assert response.status_code == status

@@ -8,10 +8,13 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--base", "/no/such/model"], "is not a model folder"),
-    (["--engine", "nope"], "is not one of"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--base", "/no/such/model"], "is not a model folder"),
+        (["--engine", "nope"], "is not one of"),
+    ],
+)
 def test_bad_serve_arguments_are_one_line_and_exit_2(demo_dir, tmp_path, args, words):
     command = [sys.executable, "-m", "merger.cli", "serve", "--base", str(demo_dir), "--data-dir", str(tmp_path), *args]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)

@@ -18,11 +18,17 @@ def test_the_generated_admin_token_is_private_and_never_logged(live_server):
     assert str(path) in log and live_server.admin_token not in log
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic abc"},
-                                     {"Authorization": f"Bearer {API_KEY}"}])
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic abc"}, {"Authorization": f"Bearer {API_KEY}"}],
+)
 def test_management_needs_the_admin_token(live_server, headers):
-    for method, path in [("GET", "/adapters"), ("GET", "/adapters/qv"), ("DELETE", "/adapters/qv"),
-                         ("POST", "/adapters")]:
+    for method, path in [
+        ("GET", "/adapters"),
+        ("GET", "/adapters/qv"),
+        ("DELETE", "/adapters/qv"),
+        ("POST", "/adapters"),
+    ]:
         response = httpx.request(method, f"{live_server.url}{path}", headers=headers)
         assert response.status_code == 401, (method, path)
         assert response.json()["error"]["type"] == "authentication_error"
@@ -36,8 +42,12 @@ def test_the_admin_token_opens_management(live_server):
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-key"}])
 def test_inference_needs_an_api_key_when_keys_are_configured(live_server, headers):
     for path in ("/v1/models", "/v1/completions", "/v1/chat/completions"):
-        response = httpx.request("GET" if path == "/v1/models" else "POST", f"{live_server.url}{path}",
-                                 headers=headers, json={"model": live_server.base_name, "prompt": "x"})
+        response = httpx.request(
+            "GET" if path == "/v1/models" else "POST",
+            f"{live_server.url}{path}",
+            headers=headers,
+            json={"model": live_server.base_name, "prompt": "x"},
+        )
         assert response.status_code == 401, path
         assert response.json()["error"]["code"] == "invalid_api_key"
 

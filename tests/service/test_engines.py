@@ -52,17 +52,19 @@ def test_stop_string_ends_the_text_before_it(event_loop_thread, scheduler, refer
     base = scheduler.base_name
     full = references[base][0]
     stop = full.strip()[:3]
-    (text, finish), = event_loop_thread.run(complete(scheduler, base, PROMPTS[0], stop=(stop,))).values()
-    assert (text, finish) == (full[:full.index(stop)], "stop")
+    ((text, finish),) = event_loop_thread.run(complete(scheduler, base, PROMPTS[0], stop=(stop,))).values()
+    assert (text, finish) == (full[: full.index(stop)], "stop")
 
 
 def test_max_tokens_ends_with_length(event_loop_thread, scheduler):
-    (text, finish), = event_loop_thread.run(complete(scheduler, scheduler.base_name, PROMPTS[1], max_tokens=3)).values()
+    ((text, finish),) = event_loop_thread.run(
+        complete(scheduler, scheduler.base_name, PROMPTS[1], max_tokens=3)
+    ).values()
     assert finish == "length" and text
 
 
 def test_n_choices_with_a_seed_are_reproducible(event_loop_thread, scheduler):
-    sampled = dict(n=3, temperature=1.0, top_p=0.9, seed=7, max_tokens=6)
+    sampled = {"n": 3, "temperature": 1.0, "top_p": 0.9, "seed": 7, "max_tokens": 6}
     first = event_loop_thread.run(complete(scheduler, "qv", PROMPTS[2], **sampled))
     again = event_loop_thread.run(complete(scheduler, "qv", PROMPTS[2], **sampled))
     assert sorted(first) == [0, 1, 2] and all(finish for _, finish in first.values())

@@ -28,8 +28,15 @@ QUERY_TIMEOUT_S = 90
 def traffic(live_server, uploaded) -> None:
     client = openai.OpenAI(base_url=f"{live_server.url}/v1", api_key=API_KEY, timeout=300, max_retries=0)
     client.completions.create(model="qv", prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0)
-    list(client.chat.completions.create(model="o-mlp", messages=[{"role": "user", "content": "hi"}],
-                                        max_tokens=MAX_TOKENS, temperature=0, stream=True))
+    list(
+        client.chat.completions.create(
+            model="o-mlp",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            stream=True,
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +46,16 @@ def prometheus(live_server, traffic, tmp_path_factory):
     folder = tmp_path_factory.mktemp("prometheus")
     (folder / "prometheus.yml").write_text(SCRAPE_CONFIG.format(target=live_server.url.removeprefix("http://")))
     url = f"127.0.0.1:{free_port()}"
-    process = subprocess.Popen([str(binary), f"--config.file={folder / 'prometheus.yml'}",
-                                f"--storage.tsdb.path={folder / 'tsdb'}", f"--web.listen-address={url}"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [
+            str(binary),
+            f"--config.file={folder / 'prometheus.yml'}",
+            f"--storage.tsdb.path={folder / 'tsdb'}",
+            f"--web.listen-address={url}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     yield f"http://{url}"
     process.terminate()
     process.wait(30)
@@ -63,11 +77,21 @@ def query(prometheus: str, promql: str) -> list[dict]:
 
 def test_metrics_text_has_every_spec_series(live_server, traffic):
     text = httpx.get(f"{live_server.url}/metrics").text
-    for name in ("d2lora_requests_total", "d2lora_request_latency_seconds_bucket",
-                 "d2lora_time_to_first_token_seconds_bucket", "d2lora_time_per_output_token_seconds_bucket",
-                 "d2lora_prompt_tokens_total", "d2lora_generation_tokens_total", "d2lora_requests_running",
-                 "d2lora_requests_waiting", "d2lora_swap_seconds_bucket", "d2lora_merge_seconds_bucket",
-                 "d2lora_merges_total", "d2lora_equivalence_max_abs_logit_diff", "d2lora_resident_models"):
+    for name in (
+        "d2lora_requests_total",
+        "d2lora_request_latency_seconds_bucket",
+        "d2lora_time_to_first_token_seconds_bucket",
+        "d2lora_time_per_output_token_seconds_bucket",
+        "d2lora_prompt_tokens_total",
+        "d2lora_generation_tokens_total",
+        "d2lora_requests_running",
+        "d2lora_requests_waiting",
+        "d2lora_swap_seconds_bucket",
+        "d2lora_merge_seconds_bucket",
+        "d2lora_merges_total",
+        "d2lora_equivalence_max_abs_logit_diff",
+        "d2lora_resident_models",
+    ):
         assert f"\n{name}" in text, name
 
 

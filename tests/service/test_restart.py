@@ -24,8 +24,10 @@ def crashed_and_restarted(live_server, uploaded, artifacts):
 def test_adapters_uploaded_before_a_restart_serve_the_same_answers(live_server, crashed_and_restarted, references):
     client = openai.OpenAI(base_url=f"{live_server.url}/v1", api_key=API_KEY, timeout=300, max_retries=0)
     for name in [live_server.base_name, *ADAPTERS]:
-        answers = [client.completions.create(model=name, prompt=p, max_tokens=MAX_TOKENS, temperature=0)
-                   .choices[0].text for p in PROMPTS]
+        answers = [
+            client.completions.create(model=name, prompt=p, max_tokens=MAX_TOKENS, temperature=0).choices[0].text
+            for p in PROMPTS
+        ]
         assert answers == references[name], name
 
 

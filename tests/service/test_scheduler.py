@@ -95,7 +95,7 @@ def test_a_full_queue_refuses_with_a_retry_hint(event_loop_thread, scheduler):
         firsts = [asyncio.ensure_future(anext(s)) for s in streams]
         await asyncio.sleep(0.05)  # every request has been queued or refused; at most max_num_seqs run
         results = [f.exception() if f.done() and not f.cancelled() else None for f in firsts]
-        for first, s in zip(firsts, streams):
+        for first, s in zip(firsts, streams, strict=True):
             first.cancel()
             await asyncio.gather(first, return_exceptions=True)
             await s.aclose()
@@ -111,8 +111,7 @@ def test_an_unknown_model_is_refused(event_loop_thread, scheduler):
         event_loop_thread.run(complete(scheduler, "nope", PROMPTS[0]))
 
 
-def test_a_removed_model_is_refused_and_a_readded_one_serves_again(event_loop_thread, scheduler, adapters,
-                                                                    references):
+def test_a_removed_model_is_refused_and_a_readded_one_serves_again(event_loop_thread, scheduler, adapters, references):
     event_loop_thread.run(scheduler.remove_model("o-mlp"))
     with pytest.raises(UnknownModelError):
         event_loop_thread.run(complete(scheduler, "o-mlp", PROMPTS[0]))

@@ -13,10 +13,17 @@ from merger.archive import CONFIG_NAME, WEIGHTS_NAME
 UPLOAD_TIMEOUT_S = 900
 
 
-def post_adapter(server, fields: dict, files: dict, params: dict | None = None,
-                 headers: dict | None = None) -> httpx.Response:
-    return httpx.post(f"{server.url}/adapters", data=fields, files=files, params=params or {},
-                      headers=server.admin_headers() if headers is None else headers, timeout=UPLOAD_TIMEOUT_S)
+def post_adapter(
+    server, fields: dict, files: dict, params: dict | None = None, headers: dict | None = None
+) -> httpx.Response:
+    return httpx.post(
+        f"{server.url}/adapters",
+        data=fields,
+        files=files,
+        params=params or {},
+        headers=server.admin_headers() if headers is None else headers,
+        timeout=UPLOAD_TIMEOUT_S,
+    )
 
 
 def upload_files(server, name: str, folder: Path, params: dict | None = None, **_) -> httpx.Response:

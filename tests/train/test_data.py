@@ -22,9 +22,14 @@ BAD_FILES = {
     "empty completion": (b'{"prompt": "a", "completion": ""}\n', "line 1", "empty"),
     "last message not assistant": (
         b'{"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}]}\n',
-        "line 1", "assistant"),
-    "message without content": (b'{"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}\n',
-                                "line 1", "messages[0]"),
+        "line 1",
+        "assistant",
+    ),
+    "message without content": (
+        b'{"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}\n',
+        "line 1",
+        "messages[0]",
+    ),
 }
 
 
@@ -49,14 +54,17 @@ def test_bad_data_is_one_line_with_the_line_number(case, tiny_llama, tmp_path, c
 def test_an_example_over_max_length_names_its_line(tiny_llama, tmp_path, capsys):
     data = tmp_path / "data.jsonl"
     data.write_bytes(GOOD * 2 + b'{"prompt": "' + b"the capital of France " * 20 + b'", "completion": " Paris"}\n')
-    code = main(["train", "--base", str(tiny_llama), "--data", str(data), "--out", str(tmp_path / "out"),
-                 "--max-length", "32"])
+    code = main(
+        ["train", "--base", str(tiny_llama), "--data", str(data), "--out", str(tmp_path / "out"), "--max-length", "32"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "line 3" in err and "--max-length 32" in err
 
 
 def test_a_missing_file_is_a_clear_error(tiny_llama, tmp_path, capsys):
-    code = main(["train", "--base", str(tiny_llama), "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")])
+    code = main(
+        ["train", "--base", str(tiny_llama), "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")]
+    )
     assert code == 2 and "cannot read" in capsys.readouterr().err
 
 
@@ -72,8 +80,10 @@ def test_loss_is_only_on_the_completion_and_its_eos(tokenizer, tmp_path):
 
 def test_chat_examples_learn_only_the_assistant_turn(tokenizer, tmp_path):
     data = tmp_path / "data.jsonl"
-    data.write_text('{"messages": [{"role": "user", "content": "two plus two?"},'
-                    ' {"role": "assistant", "content": "four"}], "answer": 0}\n')
+    data.write_text(
+        '{"messages": [{"role": "user", "content": "two plus two?"},'
+        ' {"role": "assistant", "content": "four"}], "answer": 0}\n'
+    )
     [example] = load_examples(data, tokenizer, max_length=64)
     learned = [t for t in example.labels if t != IGNORE_INDEX]
     assert tokenizer.decode(learned) == "four<|end|>"

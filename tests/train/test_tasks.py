@@ -8,7 +8,14 @@ import pytest
 from transformers import AutoTokenizer
 
 from merger.train.data import load_examples
-from merger.train.tasks import DEMO_TASKS, DEMO_TRAIN_CONFIG, EVAL_SIZE, TRAIN_SIZE, build_demo_adapters, write_task_data
+from merger.train.tasks import (
+    DEMO_TASKS,
+    DEMO_TRAIN_CONFIG,
+    EVAL_SIZE,
+    TRAIN_SIZE,
+    build_demo_adapters,
+    write_task_data,
+)
 
 
 @pytest.mark.parametrize("name", list(DEMO_TASKS))

@@ -30,7 +30,7 @@ def greedy(model_dir: Path, prompt: str) -> str:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     ids = tokenizer(prompt, return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,11 @@ def test_the_artifact_follows_the_spec(trained):
     tensors = load_file(trained / "adapter_model.safetensors")
     q = "base_model.model.model.layers.0.self_attn.q_proj"
     assert {k for k in tensors if k.startswith(q + ".")} == {
-        f"{q}.lora_A.weight", f"{q}.lora_B.weight", f"{q}.lora_A_neg.weight", f"{q}.lora_B_neg.weight"}
+        f"{q}.lora_A.weight",
+        f"{q}.lora_B.weight",
+        f"{q}.lora_A_neg.weight",
+        f"{q}.lora_B_neg.weight",
+    }
     assert len(tensors) == 2 * 4 * 4  # 2 layers x 4 projections x 4 factors
     assert Adapter.load(trained).kind.name == "D2LORA"
 
@@ -81,7 +85,10 @@ def test_the_same_seed_trains_the_same_adapter(tiny_llama, data_file, tmp_path):
     first = train(tiny_llama, data_file, tmp_path / "a", config, progress=False)
     second = train(tiny_llama, data_file, tmp_path / "b", config, progress=False)
     assert [r.loss for r in first.records] == [r.loss for r in second.records]
-    a, b = load_file(tmp_path / "a" / "adapter_model.safetensors"), load_file(tmp_path / "b" / "adapter_model.safetensors")
+    a, b = (
+        load_file(tmp_path / "a" / "adapter_model.safetensors"),
+        load_file(tmp_path / "b" / "adapter_model.safetensors"),
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -100,12 +107,15 @@ def test_an_existing_output_is_refused_before_training(tiny_llama, data_file, tm
     assert code == 2 and "already exists" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--targets", "nothing_here"], "--targets"),
-    (["--r", "0"], "r: must be a positive integer"),
-    (["--tau", "-1"], "tau: must be"),
-    (["--lr", "nan"], "lr: must be"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--targets", "nothing_here"], "--targets"),
+        (["--r", "0"], "r: must be a positive integer"),
+        (["--tau", "-1"], "tau: must be"),
+        (["--lr", "nan"], "lr: must be"),
+    ],
+)
 def test_bad_options_are_one_line_errors(flags, message, tiny_llama, data_file, tmp_path, capsys):
     code = main(["train", "--base", str(tiny_llama), "--data", str(data_file), "--out", str(tmp_path / "o"), *flags])
     err = capsys.readouterr().err.strip()
