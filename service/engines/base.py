@@ -6,15 +6,15 @@ base's original tensors for whatever must go back to the base); only the
 scheduler calls it, and only when no request is running on that engine (SPEC §6).
 Which tensors travel is decided by `service.engines.weights.SwapPlanner`.
 
-An engine class is built as `ENGINES[name](settings)` and started with
-`await engine.start(base_dir)`.
+An engine class is named in `service.engines.ENGINE_CLASSES`, built as
+`engine_class(name)(settings)` and started with `await engine.start(base_dir)`.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -80,7 +80,7 @@ class Engine(abc.ABC):
         """Replace the named tensors in place; every tensor not named keeps its value."""
 
     @abc.abstractmethod
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         """Stream text deltas; each choice's last chunk carries its finish_reason."""
 
     @abc.abstractmethod
@@ -97,11 +97,3 @@ class Engine(abc.ABC):
         """False once the engine can serve no more (e.g. its worker process died); in-process engines live
         as long as the server does."""
         return True
-
-
-ENGINES: dict[str, type[Engine]] = {}
-
-
-def register_engine(cls: type[Engine]) -> type[Engine]:
-    ENGINES[cls.name] = cls
-    return cls
