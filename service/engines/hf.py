@@ -4,11 +4,17 @@ A manual decode loop with a KV cache; the n choices of a request decode as one
 batch (same prompt, so no padding).  Requests take turns one decode step at a
 time (a lock around each forward pass), each step runs in a thread so the event
 loop stays free.  Weights are swapped by copying tensors into the parameters.
+
+Of the optional features it implements what is cheap and exact: the logprobs of
+generated and of prompt tokens (from the raw logits, as vLLM's).  A request for
+any other (top_k, penalties, structured output, ...) is refused by the HTTP
+layer with a 400 naming the parameter: see `features`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 
@@ -23,8 +29,10 @@ from service.engines.base import (
     GenerationRequest,
     SamplingOptions,
     TensorFile,
+    TokenLogprob,
 )
 from service.engines.context import resolve_max_model_len
+from service.engines.logprobs import position_logprobs, prompt_logprobs
 from service.engines.text import ChoiceText
 from service.engines.tokenizer import ChatTokenizer
 
@@ -41,8 +49,18 @@ def next_tokens(logits: torch.Tensor, options: SamplingOptions, generator: torch
     return order.gather(-1, picked).squeeze(-1)
 
 
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One decode step of a request: the next token of every choice, with what the request asked to see."""
+
+    tokens: list[int]  # (n,)
+    logprobs: list[TokenLogprob] | None  # (n,) when asked
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None  # the first step only, when asked
+
+
 class TransformersEngine(Engine):
     name = "transformers"
+    features = frozenset({"logprobs", "prompt_logprobs"})
 
     async def start(self, base_dir: Path) -> None:
         self.max_model_len = resolve_max_model_len(self.settings, base_dir)
@@ -64,28 +82,49 @@ class TransformersEngine(Engine):
                     self.parameters[name].copy_(f.get_tensor(name))
 
     @torch.no_grad()
-    def _forward(self, input_ids: torch.Tensor, cache) -> tuple[torch.Tensor, object]:
-        """input_ids: (n, t) -> last logits (n, vocab) and the grown cache."""
-        out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True)
-        return out.logits[:, -1, :], out.past_key_values
+    def _step(self, input_ids: torch.Tensor, cache, options: SamplingOptions, generator: torch.Generator):
+        """input_ids: (n, t): the prompt on the first step, else each choice's last token -> (Step, grown cache)."""
+        first_with_prompt_logprobs = cache is None and options.prompt_logprobs is not None
+        out = self.model(
+            input_ids=input_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=0 if first_with_prompt_logprobs else 1,  # 0: every position
+        )
+        last = out.logits[:, -1, :]  # (n, vocab)
+        tokens = next_tokens(last, options, generator)  # (n,)
+        logprobs = None if options.logprobs is None else position_logprobs(last, tokens, options.logprobs)
+        prompt = None
+        if first_with_prompt_logprobs:
+            prompt = prompt_logprobs(out.logits[0], input_ids[0].tolist(), options.prompt_logprobs or 0)
+        return Step(tokens.tolist(), logprobs, prompt), out.past_key_values
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         options = request.sampling
-        prompt_ids = self.tokenizer.encode(request.prompt)
+        prompt_ids = (
+            list(request.prompt_token_ids)
+            if request.prompt_token_ids is not None
+            else self.tokenizer.encode(request.prompt)
+        )
         budget = self._token_budget(len(prompt_ids), options.max_tokens)
         choices = [ChoiceText(self.tokenizer, options.stop) for _ in range(options.n)]
         generator = torch.Generator().manual_seed(options.seed if options.seed is not None else torch.seed())
         input_ids, cache = torch.tensor([prompt_ids] * options.n), None  # (n, prompt)
         try:
-            for step in range(budget):
+            for step_index in range(budget):
                 if request.request_id in self.aborted:
                     return
                 async with self.step_lock:
-                    logits, cache = await asyncio.to_thread(self._forward, input_ids, cache)
-                input_ids = next_tokens(logits, options, generator).unsqueeze(1)  # (n, 1)
-                last = step + 1 == budget
+                    step, cache = await asyncio.to_thread(self._step, input_ids, cache, options, generator)
+                input_ids = torch.tensor(step.tokens).unsqueeze(1)  # (n, 1)
+                last = step_index + 1 == budget
                 for index, choice in enumerate(choices):
-                    chunk = self._advance(choice, index, int(input_ids[index]), len(prompt_ids), last)
+                    logprob = None if step.logprobs is None else step.logprobs[index]
+                    chunk = self._advance(choice, index, step.tokens[index], logprob, len(prompt_ids), last)
+                    if chunk is not None and step_index == 0 and index == 0:
+                        chunk = dataclasses.replace(
+                            chunk, prompt_token_ids=tuple(prompt_ids), prompt_logprobs=step.prompt_logprobs
+                        )
                     if chunk is not None:
                         yield chunk
                 if all(choice.finished for choice in choices):
@@ -104,13 +143,19 @@ class TransformersEngine(Engine):
         return min(max_tokens, room)
 
     def _advance(
-        self, choice: ChoiceText, index: int, token: int, prompt_tokens: int, last: bool
+        self, choice: ChoiceText, index: int, token: int, logprob: TokenLogprob | None, prompt_tokens: int, last: bool
     ) -> GenerationChunk | None:
         if choice.finished:
             return None
         text = choice.add(token, is_eos=token in self.tokenizer.eos_token_ids, is_last=last)
         return GenerationChunk(
-            index=index, text=text, new_tokens=1, prompt_tokens=prompt_tokens, finish_reason=choice.finish_reason
+            index=index,
+            text=text,
+            new_tokens=1,
+            prompt_tokens=prompt_tokens,
+            finish_reason=choice.finish_reason,
+            token_ids=(token,),
+            logprobs=None if logprob is None else (logprob,),
         )
 
     async def abort(self, request_id: str) -> None:

@@ -12,20 +12,29 @@ weights is ever reused.  The same code runs on a GPU with the `vllm` package.
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service.engines.base import (
+    OPTIONAL_FEATURES,
     Engine,
     GenerationChunk,
     GenerationRequest,
     SamplingOptions,
+    StructuredOutput,
     TensorFile,
+    TokenLogprob,
 )
 from service.engines.context import resolve_max_model_len
 from service.engines.tokenizer import ChatTokenizer
 from service.engines.weights import BaseTensors
+
+if TYPE_CHECKING:
+    from vllm.logprobs import Logprob
+    from vllm.sampling_params import StructuredOutputsParams
 
 WORKER_EXTENSION = "service.engines.vllm_worker.SwapWorkerExtension"
 
@@ -39,6 +48,7 @@ def configure_environment(kv_cache_gib: int) -> None:
 
 
 def sampling_params(options: SamplingOptions):
+    """vLLM's SamplingParams for the options, as vLLM's own OpenAI server maps a request."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -49,7 +59,49 @@ def sampling_params(options: SamplingOptions):
         top_p=options.top_p,
         seed=options.seed,
         stop=list(options.stop),
+        top_k=options.top_k,
+        min_p=options.min_p,
+        presence_penalty=options.presence_penalty,
+        frequency_penalty=options.frequency_penalty,
+        repetition_penalty=options.repetition_penalty,
+        logit_bias=dict(options.logit_bias) or None,
+        stop_token_ids=list(options.stop_token_ids) or None,
+        ignore_eos=options.ignore_eos,
+        min_tokens=options.min_tokens,
+        logprobs=options.logprobs,
+        prompt_logprobs=options.prompt_logprobs,
+        structured_outputs=structured_outputs(options.structured_output),
         output_kind=RequestOutputKind.DELTA,
+    )
+
+
+def structured_outputs(constraint: StructuredOutput | None) -> StructuredOutputsParams | None:
+    """vLLM's structured-outputs backend (xgrammar, guidance as its fallback: `auto`) for the constraint."""
+    if constraint is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if constraint.kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    return StructuredOutputsParams(json=json.loads(constraint.json_schema or "{}"))
+
+
+def token_logprob(token_id: int, entries: Mapping[int, Logprob], top_k: int) -> TokenLogprob:
+    """vLLM's {token id: Logprob} of one position (the token itself and the top_k most likely) as a TokenLogprob."""
+    own = entries[token_id]
+    top = sorted(((lp.rank, t, lp.logprob) for t, lp in entries.items() if lp.rank is not None and lp.rank <= top_k))
+    return TokenLogprob(token_id, own.logprob, own.rank or 1, tuple((t, logprob) for _, t, logprob in top))
+
+
+def logprobs_of(
+    token_ids: Sequence[int], positions: Sequence[Mapping[int, Logprob] | None] | None, top_k: int | None
+) -> tuple[TokenLogprob | None, ...] | None:
+    """One TokenLogprob per token (None where vLLM has none: the prompt's first token); None when not asked."""
+    if top_k is None or positions is None:
+        return None
+    return tuple(
+        None if entries is None else token_logprob(token, entries, top_k)
+        for token, entries in zip(token_ids, positions, strict=True)
     )
 
 
@@ -63,6 +115,7 @@ def packed_siblings(name: str, packed: dict[str, list[str]]) -> set[str]:
 
 class VllmEngine(Engine):
     name = "vllm"
+    features = OPTIONAL_FEATURES
 
     async def start(self, base_dir: Path) -> None:
         configure_environment(self.settings.kv_cache_gib)
@@ -102,17 +155,35 @@ class VllmEngine(Engine):
         return needed - named
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
-        stream = self.llm.generate({"prompt": request.prompt}, sampling_params(request.sampling), request.request_id)
+        options = request.sampling
+        from vllm.inputs import TextPrompt, TokensPrompt
+
+        prompt: TextPrompt | TokensPrompt = (
+            TextPrompt(prompt=request.prompt)
+            if request.prompt_token_ids is None
+            else TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
+        )
+        stream = self.llm.generate(prompt, sampling_params(options), request.request_id)
+        prompt_sent = False
         async for output in stream:
-            prompt_tokens = len(output.prompt_token_ids or ())
+            prompt_ids = tuple(output.prompt_token_ids or ())
             for choice in output.outputs:
+                token_ids = tuple(choice.token_ids)
+                logprobs = logprobs_of(token_ids, choice.logprobs, options.logprobs)
                 yield GenerationChunk(
                     index=choice.index,
                     text=choice.text,
-                    new_tokens=len(choice.token_ids),
-                    prompt_tokens=prompt_tokens,
+                    new_tokens=len(token_ids),
+                    prompt_tokens=len(prompt_ids),
                     finish_reason=choice.finish_reason,
+                    token_ids=token_ids,
+                    logprobs=None if logprobs is None else tuple(lp for lp in logprobs if lp is not None),
+                    prompt_token_ids=None if prompt_sent else prompt_ids,
+                    prompt_logprobs=None
+                    if prompt_sent
+                    else logprobs_of(prompt_ids, output.prompt_logprobs, options.prompt_logprobs),
                 )
+                prompt_sent = True
 
     async def abort(self, request_id: str) -> None:
         await self.llm.abort(request_id)

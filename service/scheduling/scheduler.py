@@ -43,12 +43,16 @@ import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service import metrics
 from service.engines.base import Engine, GenerationChunk, GenerationRequest
 from service.engines.weights import BaseTensors, SwapPlanner
 from service.scheduling.errors import InvalidRequestError, QueueFullError, UnknownModelError
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.engines.tokenizer import ChatTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +144,20 @@ class Scheduler:
 
     def apply_chat_template(self, messages: list[dict]) -> str:
         return self.slots[0].engine.apply_chat_template(messages)
+
+    @property
+    def tokenizer(self) -> ChatTokenizer:
+        """The base model's tokenizer (every slot's engine has the same)."""
+        return self.slots[0].engine.tokenizer
+
+    @property
+    def features(self) -> frozenset[str]:
+        """The optional sampling features the engines implement (Engine.features)."""
+        return self.slots[0].engine.features
+
+    @property
+    def engine_name(self) -> str:
+        return self.slots[0].engine.name
 
     # requests -----------------------------------------------------------------------------------------
 
