@@ -91,7 +91,8 @@ async def lifespan(app: FastAPI):
     app.state.auth = Authenticator.from_settings(settings)
     scheduler = await start_scheduler(settings, base_dir, registry)
     app.state.adapters = AdapterManager(settings, base_dir, base_name, registry, scheduler)
-    app.state.inference = InferenceHandler(scheduler, registry, base_name, DEFAULT_MAX_TOKENS)
+    max_model_len = resolve_max_model_len(settings, base_dir)
+    app.state.inference = InferenceHandler(scheduler, registry, base_name, DEFAULT_MAX_TOKENS, max_model_len)
     app.state.ready = True
     watchdog = asyncio.create_task(watch_engines(app, scheduler), name="d2lora-engine-watch")
     logger.info("serving %s and %d adapters", base_name, len(registry.all_serving()))

@@ -1,6 +1,7 @@
 """Exception handlers: EVERY error leaves the service as {"error": {"message", "type", "param", "code"}}.
 
-That covers the service's own APIError, request validation (422), Starlette's
+That covers the service's own APIError, request validation (422; a field the
+server does not implement, or a value it does not support: 400 naming it), Starlette's
 404 (unknown route) and 405 (wrong method), user errors from the merger
 (D2LoraError -> 400), the scheduler's full queue (429 + Retry-After)
 and vanished models (404), a data dir that is full or read-only (507), and
@@ -20,7 +21,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from merger.errors import D2LoraError
-from service.protocol import APIError
+from service.protocol import APIError, unsupported
+from service.protocol.chat import UNSUPPORTED_VALUE
+from service.protocol.fields import refusal_reason
 from service.scheduling.errors import QueueFullError, UnknownModelError
 
 logger = logging.getLogger(__name__)
@@ -46,10 +49,29 @@ def render(error: APIError, headers: dict | None = None) -> JSONResponse:
     return JSONResponse(error.response_body(), status_code=error.status, headers=headers)
 
 
+UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict"})
+
+
+def _is_union_tag(part: object) -> bool:
+    """pydantic names the member of a union an error arose in ('str', 'list[TextPart]'): not part of the path."""
+    return isinstance(part, str) and (part in UNION_TAGS or not part.isidentifier())
+
+
 def _param(location: tuple) -> str | None:
     """('body', 'messages', 0, 'role') -> 'messages.0.role'."""
-    parts = [str(p) for p in location if p not in ("body", "query", "path", "header")]
+    parts = [str(p) for p in location if p not in ("body", "query", "path", "header") and not _is_union_tag(p)]
     return ".".join(parts) or None
+
+
+def refusal(errors: list[dict]) -> APIError | None:
+    """The 400 for the first field the request model does not declare, or value it does not support, if any."""
+    for error in errors:
+        param = _param(tuple(error.get("loc", ())))
+        if error.get("type") == "extra_forbidden" and param:
+            return unsupported(param, refusal_reason(param.rpartition(".")[2]))
+        if error.get("type") == UNSUPPORTED_VALUE and param:
+            return unsupported(param, str(error["msg"]))
+    return None
 
 
 ERROR_HEADERS = {
@@ -63,6 +85,9 @@ async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
 
 
 async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    refused = refusal(list(exc.errors()))
+    if refused is not None:
+        return render(refused)
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
     param = _param(tuple(first.get("loc", ())))
     message = f"{param}: {first['msg']}" if param else str(first["msg"])

@@ -1,94 +1,44 @@
-"""The OpenAI endpoints' logic: resolve the model, generate through the scheduler, shape the answer.
+"""The OpenAI endpoints' logic: resolve the model, tokenise, generate through the scheduler, shape the answer.
 
-The scheduler (service.scheduler) is the only way to an engine: `generate(model,
+The scheduler (service.scheduling) is the only way to an engine: `generate(model,
 request)` streams GenerationChunks on exactly that model's weights (SPEC §6) and
-aborts the request when the stream is closed early.  Token metrics are recorded
-here, where a request's arrival and its every chunk are seen: prompt and
-generation tokens, time to first token, time per output token after the first.
+aborts the request when the stream is closed early.  A completion's prompts run
+side by side (service.fanout); what they produce is tallied by
+service.tracking and put in wire objects by service.shapers.
+
+A request that uses a sampling feature the serving engine does not implement
+(`Engine.features`) is refused with a 400 naming the parameter.
 """
 
 from __future__ import annotations
 
-import abc
-import dataclasses
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from typing import ClassVar
+from collections.abc import AsyncIterator
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from service import metrics
-from service.engines.base import GenerationChunk, GenerationRequest
-from service.protocol import (
-    APIError,
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    CompletionChoice,
-    CompletionRequest,
-    CompletionResponse,
-    DeltaMessage,
-    ModelCard,
-    ModelList,
-    OpenAIBaseModel,
-    SamplingParams,
-    UsageInfo,
-    random_id,
-)
+from service.engines.base import SamplingOptions
+from service.engines.tokenizer import ChatTokenizer
+from service.fanout import Fanout
+from service.prompts import PromptInput, check_token_ids, completion_prompts, text_prompt
+from service.protocol import APIError, OpenAIBaseModel, unsupported
+from service.protocol.chat import ChatCompletionRequest
+from service.protocol.completions import CompletionRequest
+from service.protocol.models import ModelCard, ModelList
+from service.protocol.sampling import SamplingRequest
+from service.protocol.tokenize import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from service.registry import Registry
+from service.shapers import ChatShaper, CompletionShaper, Shaper
+from service.tracking import Tracker
 
 SSE_DONE = "data: [DONE]\n\n"
+PARAM_OF_FEATURE = {"structured_output": "response_format"}  # SamplingOptions field -> the request's parameter
 
 
 def sse(event: OpenAIBaseModel) -> str:
     return f"data: {event.model_dump_json(exclude_none=False)}\n\n"
-
-
-@dataclasses.dataclass
-class Tracker:
-    """What one request has produced so far, per choice, and when."""
-
-    model: str
-    n: int
-    arrival: float
-    texts: list[str] = dataclasses.field(default_factory=list)
-    finish: list[str | None] = dataclasses.field(default_factory=list)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    first_token_at: float | None = None
-
-    def __post_init__(self) -> None:
-        self.texts, self.finish = [""] * self.n, [None] * self.n
-
-    def add(self, chunk: GenerationChunk) -> None:
-        if chunk.new_tokens and self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
-            metrics.TIME_TO_FIRST_TOKEN.labels(model=self.model).observe(self.first_token_at - self.arrival)
-        self.texts[chunk.index] += chunk.text
-        self.finish[chunk.index] = chunk.finish_reason or self.finish[chunk.index]
-        self.prompt_tokens = chunk.prompt_tokens
-        self.completion_tokens += chunk.new_tokens
-
-    @property
-    def usage(self) -> UsageInfo:
-        return UsageInfo(
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.completion_tokens,
-            total_tokens=self.prompt_tokens + self.completion_tokens,
-        )
-
-    def record(self) -> None:
-        """Token counters and time per output token, once, when the request ends."""
-        metrics.PROMPT_TOKENS.labels(model=self.model).inc(self.prompt_tokens)
-        metrics.GENERATION_TOKENS.labels(model=self.model).inc(self.completion_tokens)
-        if self.first_token_at is not None and self.completion_tokens > self.n:
-            decode = time.perf_counter() - self.first_token_at
-            metrics.TIME_PER_OUTPUT_TOKEN.labels(model=self.model).observe(decode / (self.completion_tokens - self.n))
 
 
 async def refuse_when_full(request: Request) -> None:
@@ -98,15 +48,25 @@ async def refuse_when_full(request: Request) -> None:
 
 
 class InferenceHandler:
-    def __init__(self, scheduler, registry: Registry, base_name: str, default_max_tokens: int):
+    def __init__(self, scheduler, registry: Registry, base_name: str, default_max_tokens: int, max_model_len: int):
         self.scheduler, self.registry = scheduler, registry
-        self.base_name, self.default_max_tokens = base_name, default_max_tokens
+        self.base_name, self.default_max_tokens, self.max_model_len = base_name, default_max_tokens, max_model_len
         self.started = int(time.time())
 
+    @property
+    def tokenizer(self) -> ChatTokenizer:
+        return self.scheduler.tokenizer
+
     def models(self) -> ModelList:
-        base = ModelCard(id=self.base_name, created=self.started, root=self.base_name)
+        base = ModelCard(id=self.base_name, created=self.started, root=self.base_name, max_model_len=self.max_model_len)
         adapters = [
-            ModelCard(id=r.name, created=r.created_at, root=self.base_name, parent=self.base_name)
+            ModelCard(
+                id=r.name,
+                created=r.created_at,
+                root=self.base_name,
+                parent=self.base_name,
+                max_model_len=self.max_model_len,
+            )
             for r in self.registry.all_serving()
         ]
         return ModelList(data=[base, *adapters])
@@ -128,57 +88,92 @@ class InferenceHandler:
         return model
 
     async def complete(self, body: CompletionRequest, request: Request):
-        return await self._serve(body, request, body.prompt_text, CompletionShaper(body.model))
+        request.state.model = model = await self.resolve(body.model)
+        prompts = completion_prompts(self.tokenizer, body.prompts, body.add_special_tokens)
+        shaper = CompletionShaper(model, self.tokenizer, body)
+        options = body.engine_options(self.default_max_tokens)
+        return await self._serve(model, body, prompts, options, shaper, count_output=not body.echo_only)
 
     async def chat(self, body: ChatCompletionRequest, request: Request):
-        prompt = self.scheduler.apply_chat_template([m.as_template_input() for m in body.messages])
-        return await self._serve(body, request, prompt, ChatShaper(body.model))
-
-    async def _serve(self, body: SamplingParams, request: Request, prompt: str, shaper: Shaper):
         request.state.model = model = await self.resolve(body.model)
-        tracker = Tracker(model, body.n, arrival=time.perf_counter())
-        generation = GenerationRequest(shaper.id, prompt, body.sampling_options(self.default_max_tokens))
-        chunks = self.scheduler.generate(model, generation)
-        try:
-            first = await anext(chunks)  # queue-full and engine errors surface here, as a proper status
-        except BaseException:
-            await chunks.aclose()
-            raise
+        text = self.tokenizer.apply_chat_template([m.as_template_input() for m in body.messages])
+        prompt = text_prompt(self.tokenizer, text, add_special_tokens=False)  # the template writes them
+        shaper = ChatShaper(model, self.tokenizer, body)
+        return await self._serve(model, body, [prompt], body.engine_options(self.default_max_tokens), shaper)
+
+    async def _serve(
+        self,
+        model: str,
+        body: SamplingRequest,
+        prompts: list[PromptInput],
+        options: SamplingOptions,
+        shaper: Shaper,
+        count_output: bool = True,
+    ):
+        self._check(body, options)
+        tracker = Tracker(model, prompts, options.n, arrival=time.perf_counter(), count_output=count_output)
+        requests = [prompt.request(f"{shaper.id}-{i}", options) for i, prompt in enumerate(prompts)]
+        fanout = Fanout(self.scheduler, model, requests)
+        await fanout.start()  # queue-full and engine errors surface here, as a proper status
         if body.stream:
-            events = stream_events(chunks, first, tracker, shaper, body.include_usage_in_stream)
+            events = stream_events(fanout, tracker, shaper, body.include_usage_in_stream)
             return StreamingResponse(events, media_type="text/event-stream")
-        return await collect(chunks, first, tracker, shaper)
+        return await collect(fanout, tracker, shaper)
+
+    def _check(self, body: SamplingRequest, options: SamplingOptions) -> None:
+        """400 for a feature the engine lacks, or a token id outside the vocabulary."""
+        missing = sorted(options.features() - self.scheduler.features)
+        if missing:
+            param = PARAM_OF_FEATURE.get(missing[0], missing[0])
+            raise unsupported(param, f"the {self.scheduler.engine_name} engine does not implement it (vllm does)")
+        for param, token_ids in body.token_ids_named().items():
+            check_token_ids(self.tokenizer, param, token_ids)
+
+    async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
+        if body.model is not None:
+            await self.resolve(body.model)
+        if body.messages is not None:
+            text = self.tokenizer.apply_chat_template(
+                [m.as_template_input() for m in body.messages],
+                add_generation_prompt=body.add_generation_prompt,
+                continue_final_message=body.continue_final_message,
+            )
+            tokens = self.tokenizer.encode(text, add_special_tokens=bool(body.add_special_tokens))
+        else:
+            add_special_tokens = True if body.add_special_tokens is None else body.add_special_tokens
+            tokens = self.tokenizer.encode(body.prompt or "", add_special_tokens=add_special_tokens)
+        return TokenizeResponse(
+            count=len(tokens),
+            max_model_len=self.max_model_len,
+            tokens=tokens,
+            token_strs=self.tokenizer.token_strings(tokens) if body.return_token_strs else None,
+        )
+
+    async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
+        if body.model is not None:
+            await self.resolve(body.model)
+        check_token_ids(self.tokenizer, "tokens", body.tokens)
+        return DetokenizeResponse(prompt=self.tokenizer.decode(body.tokens, skip_special_tokens=False))
 
 
-async def collect(
-    chunks: AsyncGenerator[GenerationChunk, None], first: GenerationChunk, tracker: Tracker, shaper: Shaper
-) -> OpenAIBaseModel:
+async def collect(fanout: Fanout, tracker: Tracker, shaper: Shaper) -> OpenAIBaseModel:
     try:
-        tracker.add(first)
-        async for chunk in chunks:
-            tracker.add(chunk)
+        async for prompt, chunk in fanout:
+            tracker.add(prompt, chunk)
     finally:
-        await chunks.aclose()
+        await fanout.aclose()
         tracker.record()
     return shaper.response(tracker)
 
 
-async def stream_events(
-    chunks: AsyncGenerator[GenerationChunk, None],
-    first: GenerationChunk,
-    tracker: Tracker,
-    shaper: Shaper,
-    include_usage: bool,
-) -> AsyncIterator[str]:
-    """SSE events; a client that disconnects cancels this, and closing `chunks` aborts the request."""
+async def stream_events(fanout: Fanout, tracker: Tracker, shaper: Shaper, include_usage: bool) -> AsyncIterator[str]:
+    """SSE events; a client that disconnects cancels this, and closing the fan-out aborts every prompt."""
     try:
-        for event in shaper.opening(tracker.n):
+        for event in shaper.opening(tracker):
             yield sse(event)
-        tracker.add(first)
-        yield sse(shaper.chunk(first))
-        async for chunk in chunks:
-            tracker.add(chunk)
-            yield sse(shaper.chunk(chunk))
+        async for prompt, chunk in fanout:
+            tracker.add(prompt, chunk)
+            yield sse(shaper.chunk(prompt, chunk, tracker))
         if include_usage:
             yield sse(shaper.usage_chunk(tracker))
     except Exception as err:  # headers are sent: the error becomes the stream's last event
@@ -186,72 +181,5 @@ async def stream_events(
     else:
         yield SSE_DONE
     finally:
-        await chunks.aclose()
+        await fanout.aclose()
         tracker.record()
-
-
-class Shaper(abc.ABC):
-    """Turns chunks and the final tally into one endpoint's wire objects."""
-
-    id_prefix: ClassVar[str]
-
-    def __init__(self, model: str):
-        self.model = model
-        self.id = random_id(self.id_prefix)
-
-    def opening(self, n: int) -> Sequence[OpenAIBaseModel]:
-        """Events sent before the first chunk (a chat stream announces the assistant role)."""
-        return []
-
-    @abc.abstractmethod
-    def chunk(self, chunk: GenerationChunk) -> OpenAIBaseModel: ...
-
-    @abc.abstractmethod
-    def usage_chunk(self, tracker: Tracker) -> OpenAIBaseModel: ...
-
-    @abc.abstractmethod
-    def response(self, tracker: Tracker) -> OpenAIBaseModel: ...
-
-
-class CompletionShaper(Shaper):
-    id_prefix = "cmpl"
-
-    def chunk(self, chunk: GenerationChunk) -> CompletionResponse:
-        choice = CompletionChoice(index=chunk.index, text=chunk.text, finish_reason=chunk.finish_reason)
-        return CompletionResponse(id=self.id, model=self.model, choices=[choice])
-
-    def usage_chunk(self, tracker: Tracker) -> CompletionResponse:
-        return CompletionResponse(id=self.id, model=self.model, choices=[], usage=tracker.usage)
-
-    def response(self, tracker: Tracker) -> CompletionResponse:
-        choices = [
-            CompletionChoice(index=i, text=text, finish_reason=tracker.finish[i])
-            for i, text in enumerate(tracker.texts)
-        ]
-        return CompletionResponse(id=self.id, model=self.model, choices=choices, usage=tracker.usage)
-
-
-class ChatShaper(Shaper):
-    id_prefix = "chatcmpl"
-
-    def opening(self, n: int) -> list[ChatCompletionChunk]:
-        return [
-            self._event(ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))) for i in range(n)
-        ]
-
-    def chunk(self, chunk: GenerationChunk) -> ChatCompletionChunk:
-        delta = DeltaMessage(content=chunk.text)
-        return self._event(ChatChunkChoice(index=chunk.index, delta=delta, finish_reason=chunk.finish_reason))
-
-    def usage_chunk(self, tracker: Tracker) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=self.id, model=self.model, choices=[], usage=tracker.usage)
-
-    def response(self, tracker: Tracker) -> ChatCompletionResponse:
-        choices = [
-            ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason=tracker.finish[i])
-            for i, text in enumerate(tracker.texts)
-        ]
-        return ChatCompletionResponse(id=self.id, model=self.model, choices=choices, usage=tracker.usage)
-
-    def _event(self, choice: ChatChunkChoice) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=self.id, model=self.model, choices=[choice])

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Request
 
 from service.auth import require_api_key
 from service.inference import refuse_when_full
-from service.protocol import CompletionRequest, CompletionResponse
+from service.protocol.completions import CompletionRequest, CompletionResponse
 
 router = APIRouter(
     prefix="/v1", tags=["inference"], dependencies=[Depends(require_api_key), Depends(refuse_when_full)]

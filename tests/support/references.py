@@ -18,3 +18,15 @@ def hf_greedy(model_dir: Path, prompts: tuple[str, ...], max_tokens: int) -> lis
         out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False)  # (1, t + new)
         answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
     return answers
+
+
+@torch.no_grad()
+def hf_prompt_logprobs(model_dir: Path, prompts: list[list[int]]) -> list[list[float]]:
+    """transformers' teacher-forced log-probability of each prompt token after the first, fp32 (one pass each)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    scored = []
+    for token_ids in prompts:
+        logits = model(input_ids=torch.tensor([token_ids])).logits[0, :-1].float()  # (t - 1, vocab)
+        targets = torch.tensor(token_ids[1:])[:, None]  # (t - 1, 1)
+        scored.append(torch.log_softmax(logits, dim=-1).gather(-1, targets).squeeze(-1).tolist())
+    return scored
