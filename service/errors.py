@@ -21,8 +21,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from merger.errors import D2LoraError
-from service.protocol import APIError, unsupported
-from service.protocol.chat import UNSUPPORTED_VALUE
+from service.protocol import UNSUPPORTED_VALUE, APIError, unsupported
 from service.protocol.fields import refusal_reason
 from service.scheduling.errors import QueueFullError, UnknownModelError
 

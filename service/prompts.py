@@ -37,7 +37,10 @@ def check_token_ids(tokenizer: ChatTokenizer, param: str, token_ids: Sequence[in
 
 
 def text_prompt(tokenizer: ChatTokenizer, text: str, add_special_tokens: bool) -> PromptInput:
-    return PromptInput(text, tuple(tokenizer.encode(text, add_special_tokens=add_special_tokens)))
+    token_ids = tuple(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+    if not token_ids:
+        raise APIError(400, "prompt: the prompt is empty", param="prompt", code="empty_prompt")
+    return PromptInput(text, token_ids)
 
 
 def token_prompt(tokenizer: ChatTokenizer, token_ids: Sequence[int], param: str = "prompt") -> PromptInput:

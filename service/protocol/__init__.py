@@ -19,6 +19,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
+UNSUPPORTED_VALUE = "unsupported_value"  # a pydantic error type of validators: service.errors answers it 400
+
 
 class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(extra="ignore")

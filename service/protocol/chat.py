@@ -9,11 +9,9 @@ from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from service.engines.base import MAX_LOGPROBS, SamplingOptions
-from service.protocol import OpenAIBaseModel, RequestModel, UsageInfo, invalid, now, random_id
+from service.protocol import UNSUPPORTED_VALUE, OpenAIBaseModel, RequestModel, UsageInfo, invalid, now, random_id
 from service.protocol.fields import CHAT_FIELDS, MESSAGE_FIELDS
 from service.protocol.sampling import SamplingRequest
-
-UNSUPPORTED_VALUE = "unsupported_value"  # a pydantic error type that service.errors answers with a 400
 
 
 class TextPart(RequestModel):

@@ -36,8 +36,6 @@ class CompletionRequest(SamplingRequest):
         prompts = cls.as_list(value)
         if len(prompts) > MAX_PROMPTS:
             raise ValueError(f"at most {MAX_PROMPTS} prompts in one request, got {len(prompts)}")
-        if any(prompt == "" for prompt in prompts):
-            raise ValueError("a prompt is empty")
         return value
 
     @model_validator(mode="after")

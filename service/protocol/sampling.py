@@ -62,7 +62,7 @@ class SamplingRequest(RequestModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)  # int64, as vLLM
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
@@ -91,7 +91,7 @@ class SamplingRequest(RequestModel):
     @classmethod
     def _token_ids_and_bounded_biases(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for token, bias in (value or {}).items():
-            if not token.isdigit():
+            if not (token.isascii() and token.isdigit()):
                 raise ValueError(f"keys are token ids, got {token!r}")
             if abs(bias) > MAX_LOGIT_BIAS:
                 raise ValueError(f"biases lie in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias}")
