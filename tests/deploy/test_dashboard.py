@@ -20,7 +20,7 @@ from tests.deploy.stack import (
     load_dashboard,
     read_env_file,
 )
-from tests.prom import require_tool
+from tests.tools import require_tool
 
 
 @pytest.fixture(scope="module")

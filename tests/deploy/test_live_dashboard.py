@@ -23,7 +23,7 @@ from tests.adapters import write_random_adapter
 from tests.deploy import live
 from tests.deploy.promql import to_promql
 from tests.deploy.stack import HEALTHCHECK_SCRIPT, REPO, dashboard_panels, load_dashboard
-from tests.prom import require_tool
+from tests.tools import require_tool
 
 ADAPTERS = ("live-a", "live-b")
 PROMPT = "The capital of France is"

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.prom import require_tool
+from tests.tools import require_tool
 from tests.service.conftest import MAX_TOKENS, PROMPTS
 from tests.service.live import API_KEY, free_port
 
