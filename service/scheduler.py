@@ -153,6 +153,10 @@ class Scheduler:
         self.models.pop(name, None)
         self._fail_queue(name, UnknownModelError(f"the model {name!r} was removed"))
 
+    def resident_models(self) -> list[str]:
+        """The models whose weights are in an engine now (read-only)."""
+        return sorted({slot.model for slot in self.slots})
+
     @property
     def alive(self) -> bool:
         return all(slot.engine.alive for slot in self.slots)
