@@ -25,6 +25,13 @@ SPEC_METRICS = {
     "d2lora_equivalence_max_abs_logit_diff": "gauge",
     "d2lora_resident_models": "gauge",
 }
+# HAProxy's own exporter (docker/haproxy.cfg), the names the dashboard reads; tests/deploy/test_haproxy.py
+# checks a real HAProxy 2.6 serves each of them.
+HAPROXY_METRICS = {
+    "haproxy_server_status": "gauge",
+    "haproxy_server_current_sessions": "gauge",
+    "haproxy_server_http_responses_total": "counter",
+}
 HISTOGRAM_SERIES = ("_bucket", "_sum", "_count")
 
 _LABEL_VALUES = re.compile(r"^label_values\(\s*(?P<metric>[^,]+?)\s*,\s*(?P<label>\w+)\s*\)$")
