@@ -68,9 +68,12 @@ class VllmEngine(Engine):
         configure_environment(self.settings.kv_cache_gib)
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from service.engines.vllm_stats import EngineStats  # imports vLLM: after its environment is set
+
         self.base = BaseTensors(base_dir)
         self.tokenizer = ChatTokenizer(base_dir)
-        self.llm = AsyncLLM.from_engine_args(self._engine_args(base_dir))
+        self.stats = EngineStats(observer=self._notify_step)
+        self.llm = AsyncLLM.from_engine_args(self._engine_args(base_dir), stat_loggers=[self.stats.logger_factory()])
         (self.packed,) = await self.llm.collective_rpc("d2lora_packed_modules")
 
     def _engine_args(self, base_dir: Path):
@@ -88,6 +91,10 @@ class VllmEngine(Engine):
             worker_extension_cls=WORKER_EXTENSION,
             disable_log_stats=True,
         )
+
+    def _notify_step(self, adapters: int) -> None:
+        if self.step_observer is not None:
+            self.step_observer(adapters)
 
     async def load_weights(self, files: Sequence[TensorFile]) -> None:
         complete = [*files, *self.base.slices(self._missing_parts(files))]
