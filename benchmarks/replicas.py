@@ -33,9 +33,9 @@ import httpx
 from benchmarks.common import command_line, machine_load, markdown_table, require_positive, write_atomic
 from merger.demo import build_demo_model
 from service.settings import Settings
-from tests.adapters import write_random_adapter
 from tests.deploy import live
 from tests.deploy import replicas as rp
+from tests.support.adapters import write_random_adapter
 from tests.tools import find_tool
 
 RESULTS_FILE = Path(__file__).resolve().parent / "results" / "replicas.md"

@@ -6,15 +6,15 @@ base's original tensors for whatever must go back to the base); only the
 scheduler calls it, and only when no request is running on that engine (SPEC §6).
 Which tensors travel is decided by `service.engines.weights.SwapPlanner`.
 
-An engine class is built as `ENGINES[name](settings)` and started with
-`await engine.start(base_dir)`.
+An engine class is named in `service.engines.ENGINE_CLASSES`, built as
+`engine_class(name)(settings)` and started with `await engine.start(base_dir)`.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -43,10 +43,30 @@ class SamplingOptions:
 
 
 @dataclasses.dataclass(frozen=True)
+class AdapterRef:
+    """An adapter applied per request: its per-request form folder (SPEC §1; a PEFT LoRA folder + row scales).
+
+    `id` names the folder's content in the engine's adapter caches (vLLM's lora_int_id): keep it for as long
+    as the folder is unchanged, and give a replaced adapter a new one.
+    """
+
+    name: str
+    id: int  # >= 1
+    path: Path
+
+    def __post_init__(self):
+        if not isinstance(self.id, int) or isinstance(self.id, bool) or self.id < 1:
+            raise ValueError(f"adapter id: must be an integer >= 1, got {self.id!r}")
+        if not self.name:
+            raise ValueError("adapter name: must not be empty")
+
+
+@dataclasses.dataclass(frozen=True)
 class GenerationRequest:
     request_id: str
     prompt: str  # plain text; a chat request arrives here with the chat template applied
     sampling: SamplingOptions
+    adapter: AdapterRef | None = None  # None: the engine's resident weights serve it as they are
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +88,16 @@ class TensorFile:
 
 class Engine(abc.ABC):
     name: ClassVar[str]
+    per_request_adapters: ClassVar[bool] = False  # applies GenerationRequest.adapter, many adapters per batch
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.step_observer: Callable[[int], None] | None = None  # called after each forward: adapters in it
+
+    @property
+    def adapter_slots(self) -> int:
+        """How many distinct per-request adapters one forward pass can mix; 0 when the engine applies none."""
+        return self.settings.max_loras if self.per_request_adapters else 0
 
     @abc.abstractmethod
     async def start(self, base_dir: Path) -> None: ...
@@ -80,7 +107,7 @@ class Engine(abc.ABC):
         """Replace the named tensors in place; every tensor not named keeps its value."""
 
     @abc.abstractmethod
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         """Stream text deltas; each choice's last chunk carries its finish_reason."""
 
     @abc.abstractmethod
@@ -97,11 +124,3 @@ class Engine(abc.ABC):
         """False once the engine can serve no more (e.g. its worker process died); in-process engines live
         as long as the server does."""
         return True
-
-
-ENGINES: dict[str, type[Engine]] = {}
-
-
-def register_engine(cls: type[Engine]) -> type[Engine]:
-    ENGINES[cls.name] = cls
-    return cls

@@ -13,7 +13,7 @@ weights is ever reused.  The same code runs on a GPU with the `vllm` package.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 
 from service.engines.base import (
@@ -22,8 +22,8 @@ from service.engines.base import (
     GenerationRequest,
     SamplingOptions,
     TensorFile,
-    register_engine,
 )
+from service.engines.context import resolve_max_model_len
 from service.engines.tokenizer import ChatTokenizer
 from service.engines.weights import BaseTensors
 
@@ -61,7 +61,6 @@ def packed_siblings(name: str, packed: dict[str, list[str]]) -> set[str]:
     return {f"{parent}.{part}" for parts in groups for part in parts} | {module}
 
 
-@register_engine
 class VllmEngine(Engine):
     name = "vllm"
 
@@ -69,9 +68,12 @@ class VllmEngine(Engine):
         configure_environment(self.settings.kv_cache_gib)
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from service.engines.vllm_stats import EngineStats  # imports vLLM: after its environment is set
+
         self.base = BaseTensors(base_dir)
         self.tokenizer = ChatTokenizer(base_dir)
-        self.llm = AsyncLLM.from_engine_args(self._engine_args(base_dir))
+        self.stats = EngineStats(observer=self._notify_step)
+        self.llm = AsyncLLM.from_engine_args(self._engine_args(base_dir), stat_loggers=[self.stats.logger_factory()])
         (self.packed,) = await self.llm.collective_rpc("d2lora_packed_modules")
 
     def _engine_args(self, base_dir: Path):
@@ -83,12 +85,16 @@ class VllmEngine(Engine):
             dtype=s.dtype,
             enforce_eager=True,
             seed=0,
-            max_model_len=s.max_model_len,
+            max_model_len=resolve_max_model_len(s, base_dir),
             max_num_seqs=s.max_num_seqs,
             gpu_memory_utilization=s.gpu_memory_utilization,
             worker_extension_cls=WORKER_EXTENSION,
             disable_log_stats=True,
         )
+
+    def _notify_step(self, adapters: int) -> None:
+        if self.step_observer is not None:
+            self.step_observer(adapters)
 
     async def load_weights(self, files: Sequence[TensorFile]) -> None:
         complete = [*files, *self.base.slices(self._missing_parts(files))]
@@ -102,7 +108,7 @@ class VllmEngine(Engine):
         needed = {name for name in self.base.files if name.rpartition(".")[0] in modules}
         return needed - named
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         stream = self.llm.generate({"prompt": request.prompt}, sampling_params(request.sampling), request.request_id)
         async for output in stream:
             prompt_tokens = len(output.prompt_token_ids or ())

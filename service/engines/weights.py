@@ -34,9 +34,8 @@ class BaseTensors:
     """Where each tensor of the base checkpoint is stored."""
 
     def __init__(self, base_dir: Path):
-        reader = CheckpointReader(base_dir)
-        self.files: dict[str, Path] = {name: t.file for name, t in reader.tensors.items()}
-        reader.close()
+        with CheckpointReader(base_dir) as reader:
+            self.files: dict[str, Path] = {name: t.file for name, t in reader.tensors.items()}
 
     def slices(self, names: Iterable[str]) -> list[TensorFile]:
         """The base's original tensors for `names`, one TensorFile per shard."""
@@ -63,5 +62,5 @@ class SwapPlanner:
     def plan(self, current: frozenset[str], weights_file: Path | None) -> list[TensorFile]:
         """TensorFiles that turn base+current into base+next."""
         following = self.names_of(weights_file)
-        files = [TensorFile(Path(weights_file), tuple(sorted(following)))] if following else []
+        files = [TensorFile(Path(weights_file), tuple(sorted(following)))] if weights_file and following else []
         return files + self.base.slices(current - following)

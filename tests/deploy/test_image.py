@@ -24,10 +24,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from merger.demo import build_demo_model
 from merger.merge import merge
 from service.settings import Settings
-from tests.adapters import write_random_adapter
 from tests.deploy import podman as pm
+from tests.support.adapters import write_random_adapter
 
-pytestmark = pytest.mark.image
+pytestmark = [pytest.mark.image, pytest.mark.slow]
 
 TAG = "localhost/d2lora-serve:image-test"
 ADMIN_TOKEN = "image-test-admin-token"

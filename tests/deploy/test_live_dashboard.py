@@ -20,12 +20,17 @@ import sys
 import httpx
 import pytest
 
-from tests.adapters import write_random_adapter
 from tests.deploy import live
 from tests.deploy.promql import to_promql
 from tests.deploy.replicas import haproxy
 from tests.deploy.stack import HEALTHCHECK_SCRIPT, REPO, dashboard_panels, load_dashboard
+from tests.support.adapters import write_random_adapter
 from tests.tools import require_tool
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.prometheus,
+]  # a live server or engine per module (tests/conftest.py: the tiers)
 
 ADAPTERS = ("live-a", "live-b")
 PROMPT = "The capital of France is"
