@@ -99,6 +99,11 @@ class Engine(abc.ABC):
         """How many distinct per-request adapters one forward pass can mix; 0 when the engine applies none."""
         return self.settings.max_loras if self.per_request_adapters else 0
 
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of the engine's paged KV cache in use; 0.0 for an engine without one (transformers)."""
+        return 0.0
+
     @abc.abstractmethod
     async def start(self, base_dir: Path) -> None: ...
 

@@ -80,23 +80,23 @@ def adapters(tiny_base, tmp_path_factory) -> dict[str, tuple]:
 
 @pytest.fixture(scope="module")
 def cluster(tiny_base, adapters, tmp_path_factory):
-    """(replica URLs, their processes, HAProxy hashing on model, HAProxy round robin)."""
+    """(replica URLs, their LiveServers, HAProxy hashing on model, HAProxy round robin)."""
     haproxy_binary = require_tool("haproxy")
     work, base = tmp_path_factory.mktemp("replicas"), tiny_base("llama")
     with contextlib.ExitStack() as stack:
         started = [
             stack.enter_context(
-                live.serve_process(base, work / "data", work / f"replica{i}.log", "transformers", **REPLICA_SETTINGS)
+                live.serve_process(base, work / "data", work / f"replica{i}", "transformers", **REPLICA_SETTINGS)
             )
             for i in (1, 2)
         ]
-        urls = [url for url, _ in started]
+        urls = [server.url for server in started]
         for name, (folder, _) in adapters.items():
             upload(urls[0], name, folder)
         servers = [url.removeprefix("http://") for url in urls]
         hashed, _ = stack.enter_context(rp.haproxy(haproxy_binary, servers, work))
         round_robin, _ = stack.enter_context(rp.haproxy(haproxy_binary, servers, work, balance="roundrobin"))
-        yield urls, [process for _, process in started], hashed, round_robin
+        yield urls, started, hashed, round_robin
 
 
 def played(cluster, proxy: rp.Proxy, requests: list[tuple[str, str]], concurrency: int = 1):
@@ -184,7 +184,7 @@ def completions_served(replica_url: str) -> float:
 
 
 def test_a_killed_replica_loses_at_most_its_requests_in_flight(cluster, adapters):
-    urls, processes, hashed, _ = cluster
+    urls, servers, hashed, _ = cluster
     victim = httpx.get(f"{urls[1]}/health").headers[rp.REPLICA_HEADER]
     requests = traffic(80, seed=1)
     served_before, killed_at = completions_served(urls[1]), []
@@ -195,7 +195,7 @@ def test_a_killed_replica_loses_at_most_its_requests_in_flight(cluster, adapters
         while completions_served(urls[1]) < served_before + 10 and time.monotonic() < deadline:
             time.sleep(0.05)
         killed_at.append(time.monotonic())
-        processes[1].send_signal(signal.SIGKILL)
+        servers[1].kill()
 
     killer = threading.Thread(target=kill_when_busy)
     killer.start()
@@ -204,7 +204,7 @@ def test_a_killed_replica_loses_at_most_its_requests_in_flight(cluster, adapters
     (kill,) = killed_at
     in_flight = [a for a in answers if a.started <= kill <= a.finished]
     failed = wrong(answers, adapters)
-    assert processes[1].wait(timeout=10) == -signal.SIGKILL
+    assert servers[1].process.returncode == -signal.SIGKILL
     assert set(failed) <= set(in_flight), failed
     after = [a for a in answers if a.started > kill]
     assert after and all(a.replica != victim for a in after)
