@@ -95,11 +95,11 @@ def replicas(base: Path, data: Path, work: Path, count: int, args: argparse.Name
     with contextlib.ExitStack() as stack:
         started = [
             stack.enter_context(
-                live.serve_process(base, data, work / f"replica{i}.log", args.engine, **server_settings(args))
+                live.serve_process(base, data, work / f"replica{i}", args.engine, **server_settings(args))
             )
             for i in range(count)
         ]
-        yield [url for url, _ in started]
+        yield [server.url for server in started]
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, tuple]:
