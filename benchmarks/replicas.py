@@ -12,7 +12,7 @@ pays its own first loads.  Swaps come from each replica's d2lora_swap_seconds co
 replica answered from the X-D2LoRA-Replica header, and every answer is compared with the
 one-replica run's answer to the same (model, prompt).  Writes benchmarks/results/replicas.md.
 
-    python -m benchmarks.replicas [--engine transformers|vllm] [--adapters 8] [--requests 160]
+    python -m benchmarks.replicas [--base tiny|demo|DIR] [--engine transformers|vllm] [--adapters 8] [--requests 160]
         [--concurrency 4] [--max-resident 4] [--max-tokens 16]
 """
 
@@ -36,6 +36,7 @@ from service.settings import Settings
 from tests.deploy import live
 from tests.deploy import replicas as rp
 from tests.support.adapters import write_random_adapter
+from tests.support.tiny import make_tiny_checkpoint
 from tests.tools import find_tool
 
 RESULTS_FILE = Path(__file__).resolve().parent / "results" / "replicas.md"
@@ -102,11 +103,20 @@ def replicas(base: Path, data: Path, work: Path, count: int, args: argparse.Name
         yield [server.url for server in started]
 
 
+def base_model(choice: str, work: Path) -> Path:
+    """`demo`: the demo model; `tiny`: tests/support/tiny.py's Llama (uploads verify in seconds); else a folder."""
+    if choice == "demo":
+        return build_demo_model(Settings().cache_dir)
+    if choice == "tiny":
+        return make_tiny_checkpoint(work / "tiny-llama")
+    return Path(choice)
+
+
 def run(args: argparse.Namespace, work: Path) -> dict[str, tuple]:
     haproxy = find_tool("haproxy")
     if haproxy is None:
         raise SystemExit("benchmarks.replicas: haproxy not found; fetch it with: python tests/tools.py")
-    base = Path(args.base) if args.base else build_demo_model(Settings().cache_dir)
+    base = base_model(args.base, work)
     data = work / "data"
     rng = random.Random(args.seed)
     results = {}
@@ -144,16 +154,22 @@ def report(results: dict[str, tuple], args: argparse.Namespace, argv: list[str] 
                "errors", "answers ≠ one replica")  # fmt: skip
     return (
         f"# Replicas behind HAProxy\n\n`{command_line('benchmarks.replicas', argv)}` — {load} at start; "
-        f"engine {args.engine}, {args.adapters} adapters, {args.requests} requests, {args.concurrency} in flight, "
+        f"base {base_label(args.base)}, engine {args.engine}, {args.adapters} adapters, {args.requests} requests, "
+        f"{args.concurrency} in flight, "
         f"{args.max_tokens} new tokens, max_resident {args.max_resident} per replica; all servers on this one "
         "machine, so two replicas share its CPUs.\n\n" + markdown_table(headers, rows) + "\n"
     )
 
 
+def base_label(choice: str) -> str:
+    labels = {"tiny": "the tiny Llama of tests/support/tiny.py", "demo": "the demo model (SmolLM2-135M)"}
+    return labels.get(choice, choice)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engine", default="transformers", choices=("transformers", "vllm"))
-    parser.add_argument("--base", help="base model folder (default: the demo model)")
+    parser.add_argument("--base", default="tiny", help="tiny (default) | demo | a model folder")
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--requests", type=int, default=160)
     parser.add_argument("--concurrency", type=int, default=4)
