@@ -16,6 +16,7 @@ from merger.errors import D2LoraError
 
 COMMAND_MODULES = (
     "merger.commands",
+    "merger.export_cli",
     "merger.train.cli",
     "service.cli",
     "service.demo",
