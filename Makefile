@@ -1,10 +1,10 @@
-# The two commands of the Quickstart:  make demo   and   make test
+# The two commands of the Quickstart:  make demo   and   make test   (make check: the inner loop, under a minute)
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test check lint bench clean
 
 install: $(STAMP)
 
@@ -28,6 +28,15 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# lint (ruff), format, types (mypy on merger/ and service/), then the fast tier: no vLLM engine, nothing slow
+check: install lint
+	$(BIN)/python -m pytest -q -m "not vllm and not slow"
+
+lint: install
+	$(BIN)/ruff check merger service tests benchmarks docker
+	$(BIN)/ruff format --check merger service tests benchmarks docker
+	$(BIN)/mypy
 
 bench: install
 	$(BIN)/python -m benchmarks.run_all

@@ -34,6 +34,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from merger.fs import write_atomic
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
 QUIET_ENV = {
@@ -96,14 +98,6 @@ def _child(target: str, kwargs_json: str, result_path: str, preload: Iterable[st
     seconds = time.perf_counter() - start
     record = {"seconds": seconds, "peak_rss_bytes": peak_rss_bytes(), "baseline_rss_bytes": baseline, "result": result}
     write_atomic(Path(result_path), json.dumps(record))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to a temporary sibling, then rename it over path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def median_measurement(runs: Sequence[Measurement]) -> Measurement:

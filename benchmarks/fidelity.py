@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.common import command_line, pick, require_positive, write_atomic
+from benchmarks.common import command_line, pick, require_positive
 from benchmarks.machine import machine_info
 from benchmarks.scoring import (
     EncodedItem,
@@ -46,6 +46,7 @@ from benchmarks.scoring import (
     score_batch,
 )
 from merger.artifact import Adapter
+from merger.fs import write_atomic
 from merger.kinds import ModuleAdapter
 from merger.merge import merge
 from merger.unmerged import load_unmerged, model_shapes, module_path

@@ -39,7 +39,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from benchmarks.common import machine_load, require_positive, write_atomic
+from benchmarks.common import machine_load, require_positive
 from benchmarks.load_traffic import (
     ENDPOINTS,
     PROMPTS,
@@ -54,11 +54,11 @@ from benchmarks.load_traffic import (
 )
 from benchmarks.server_figures import RssSampler, fastest_bounds, latency_buckets, rss_summary
 from merger.demo import build_demo_model
+from merger.fs import write_atomic
 from service.settings import Settings
-from tests.hardening.hostile import BAD_NAMES, hostile_archives
-from tests.hardening.server import INFERENCE_HEADERS, Server
-from tests.hardening.test_kill9 import swapping, trickled_upload
-from tests.service.uploading import adapter_records, post_adapter, upload_files
+from tests.support.hostile import BAD_NAMES, hostile_archives
+from tests.support.live import INFERENCE_HEADERS, LiveServer
+from tests.support.uploading import adapter_records, post_adapter, swapping, trickled_upload, upload_files
 
 RESULTS = Path(__file__).parent / "results"
 MAX_NUM_SEQS, MAX_WAITING = 8, 16
@@ -66,7 +66,7 @@ UPLOAD_CAP = 8 << 20
 Row = tuple[str, int, float, bool]  # endpoint, status, seconds, answer ≠ reference
 
 
-def load_phase(server: Server, references: References, args) -> dict:
+def load_phase(server: LiveServer, references: References, args) -> dict:
     warm_up(server, references)
     sampler = RssSampler(server.process.pid, args.rss_every)
     sampler.start()
@@ -76,7 +76,7 @@ def load_phase(server: Server, references: References, args) -> dict:
     return {**figures, **rss_summary(sampler.stop(), args.warm_up)}
 
 
-def run_clients(server: Server, references: References, args) -> list[Row]:
+def run_clients(server: LiveServer, references: References, args) -> list[Row]:
     """`--concurrency` clients, each on its own connection, until the time or the request budget runs out."""
     deadline, budget, lock, rows = time.monotonic() + args.duration, [args.max_requests], threading.Lock(), []
 
@@ -118,7 +118,7 @@ def by_endpoint(rows: list[Row], endpoint: str) -> dict:
     return {"requests": len(mine), "mismatches": sum(wrong for *_, wrong in mine)}
 
 
-def warm_up(server: Server, references: References) -> None:
+def warm_up(server: LiveServer, references: References) -> None:
     """Every model, endpoint and prompt once; a wrong answer stops the run here."""
     with client() as http:
         for ask in every_ask(references):
@@ -147,7 +147,7 @@ def burst(url: str, asks: list[Ask]) -> list[tuple[int, float, str | None, str]]
         return list(pool.map(one, asks))
 
 
-def overload_phase(server: Server, references: References) -> dict:
+def overload_phase(server: LiveServer, references: References) -> dict:
     asks = [Ask("qkvo", list(ENDPOINTS)[i % 2], 2, False) for i in range(4 * (MAX_NUM_SEQS + MAX_WAITING))]
     before = latency_buckets(server.url)
     results = burst(server.url, asks)
@@ -171,7 +171,7 @@ def overload_phase(server: Server, references: References) -> dict:
     }
 
 
-def recovery(server: Server, references: References) -> dict:
+def recovery(server: LiveServer, references: References) -> dict:
     """How long until the service is idle again by itself, and whether it then answers correctly."""
     start = time.perf_counter()
     idle = server.wait_idle(60)
@@ -179,13 +179,13 @@ def recovery(server: Server, references: References) -> dict:
     return {"recovered_s": time.perf_counter() - start, "recovered": idle == (0, 0) and correct}
 
 
-def answers_match(server: Server, references: References) -> bool:
+def answers_match(server: LiveServer, references: References) -> bool:
     """Every model's completions and chats (not streamed) equal their references."""
     with client() as http:
         return all(matches(references, ask, answer(http, server.url, ask)[1]) for ask in every_ask(references))
 
 
-def disconnect_phase(server: Server) -> dict:
+def disconnect_phase(server: LiveServer) -> dict:
     body = {"model": "o", "prompt": PROMPTS[2], "max_tokens": 512, "temperature": 1.0, "stream": True}
     dropped = 2 * MAX_NUM_SEQS
     with httpx.Client(headers=INFERENCE_HEADERS, timeout=300) as client:
@@ -202,11 +202,11 @@ def disconnect_phase(server: Server) -> dict:
     }
 
 
-def kill9_phase(server: Server, artifacts: dict, references: References) -> dict:
+def kill9_phase(server: LiveServer, artifacts: dict, references: References) -> dict:
     """kill -9 while a merge runs, an upload trickles in and requests swap adapters; then restart and check."""
     stop = threading.Event()
     workers = [
-        threading.Thread(target=swapping, args=(server, stop)),
+        threading.Thread(target=swapping, args=(server, ("qv", "o"), PROMPTS[0], stop)),
         threading.Thread(target=trickled_upload, args=(server, "trickle", b"{}", stop)),
     ]
     for worker in workers:
@@ -229,7 +229,7 @@ def kill9_phase(server: Server, artifacts: dict, references: References) -> dict
     }
 
 
-def engine_death_phase(server: Server) -> dict:
+def engine_death_phase(server: LiveServer) -> dict:
     """vLLM only: kill the engine-core process; the server must exit non-zero (a supervisor restarts it)."""
     children = psutil.Process(server.process.pid).children()
     start = time.perf_counter()
@@ -257,7 +257,7 @@ def bad_bodies(rng: random.Random, count: int) -> list[tuple[str, bytes]]:
     return bodies
 
 
-def bad_input_phase(server: Server, artifacts: dict, scratch: Path, count: int) -> dict:
+def bad_input_phase(server: LiveServer, artifacts: dict, scratch: Path, count: int) -> dict:
     statuses = Counter()
     headers = {**INFERENCE_HEADERS, "Content-Type": "application/json"}
     for path, raw in bad_bodies(random.Random(0), count):
@@ -398,7 +398,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="d2lora-load-") as scratch:
         scratch = Path(scratch)
         artifacts, references = build_adapters(base, scratch / "adapters")
-        server = Server(
+        server = LiveServer(
             base,
             scratch / "data",
             scratch,

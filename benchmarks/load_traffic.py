@@ -17,9 +17,9 @@ import httpx
 
 from merger.merge import merge
 from service.engines.tokenizer import ChatTokenizer
-from tests.adapters import write_random_adapter
-from tests.hardening.server import INFERENCE_HEADERS
-from tests.service.conftest import hf_greedy
+from tests.support.adapters import write_random_adapter
+from tests.support.live import INFERENCE_HEADERS
+from tests.support.references import hf_greedy
 
 ADAPTERS = {
     "qv": (["q_proj", "v_proj"], 1),

@@ -39,9 +39,9 @@ from benchmarks.common import (
     markdown_table,
     median_measurement,
     run_job,
-    write_atomic,
 )
 from merger.checkpoint import INDEX_NAME, CheckpointReader, TensorSpec, plan_shards, shard_name, write_index
+from merger.fs import write_atomic
 from merger.merge import merge
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -129,7 +129,7 @@ def build_base(base_dir: Path, shape: BaseShape) -> Path:
 
 def write_adapters(work_dir: Path, base_dir: Path, r: int) -> dict[str, Path]:
     """One D²-LoRA and one PEFT DoRA adapter of rank r on q/k/v/o, alpha = 2r (reused if present)."""
-    from tests.adapters import write_random_adapter
+    from tests.support.adapters import write_random_adapter
 
     adapters = {}
     for kind in ("D2LORA", "DORA"):

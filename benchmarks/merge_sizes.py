@@ -25,7 +25,6 @@ from benchmarks.common import (
     pick,
     require_positive,
     run_job,
-    write_atomic,
 )
 from benchmarks.machine import machine_info
 from benchmarks.merge_bench import (
@@ -35,6 +34,7 @@ from benchmarks.merge_bench import (
     build_base,
     write_adapters,
 )
+from merger.fs import write_atomic
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SHAPES = {  # fp32 checkpoint sizes: ~85 MB, ~440 MB, ~1.3 GB

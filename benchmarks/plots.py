@@ -6,7 +6,6 @@ machine (CPUs, CPU model, RAM, load) and the date.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -15,6 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks.machine import machine_line  # noqa: E402
+from merger.fs import save_atomic  # noqa: E402
 
 PATH_LABELS = {
     "unmerged-recompute": "unmerged,\nnorm recomputed",
@@ -33,11 +33,8 @@ def save(fig, path: Path, record: dict) -> Path:
     """Stamp the provenance footer, write via a temporary file, close the figure."""
     fig.text(0.01, 0.01, provenance(record), fontsize=7, family="monospace", va="bottom", color="0.3")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
+    save_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 
 from benchmarks import plots
-from benchmarks.common import QUIET_ENV, REPO_ROOT, write_atomic
+from benchmarks.common import QUIET_ENV, REPO_ROOT
 from benchmarks.results_page import render_page
+from merger.fs import write_atomic
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"

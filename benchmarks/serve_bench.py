@@ -28,14 +28,16 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from benchmarks.common import command_line, machine_load, require_positive, write_atomic
+from benchmarks.common import command_line, machine_load, require_positive
 from merger.demo import build_demo_model
+from merger.fs import write_atomic
 from merger.merge import merge
+from service.engines import engine_factory
 from service.engines.base import GenerationRequest, SamplingOptions
 from service.merging import keep_fused_tensors
-from service.scheduler import Scheduler
+from service.scheduling.scheduler import Scheduler
 from service.settings import Settings
-from tests.adapters import write_random_adapter
+from tests.support.adapters import write_random_adapter
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -152,7 +154,7 @@ async def run(args: argparse.Namespace) -> str:
     root = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     files = [fused_file(base, root, name, seed) for seed, name in enumerate(ADAPTER_NAMES)]
     start = time.perf_counter()
-    scheduler = await Scheduler.create(settings, base)
+    scheduler = await Scheduler.create(settings, base, engine_factory(settings))
     started = time.perf_counter() - start
     for name, fused in zip(ADAPTER_NAMES, files, strict=True):
         await scheduler.add_model(name, fused)

@@ -34,13 +34,14 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import command_line, require_positive, write_atomic
+from benchmarks.common import command_line, require_positive
 from benchmarks.fidelity import THREADS_HELP, load_checkpoint
 from benchmarks.machine import machine_info
 from benchmarks.runners import HfRunner, Runner, VllmRunner
 from benchmarks.scoring import EncodedItem, chunks, encode_item, pad_token_id
 from benchmarks.serve_bench import copy_seconds
 from merger.artifact import Adapter
+from merger.fs import write_atomic
 from merger.merge import merge
 from merger.unmerged import load_unmerged
 from service.engines.weights import SwapPlanner

@@ -30,8 +30,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import command_line, machine_load, markdown_table, pick, write_atomic
+from benchmarks.common import command_line, machine_load, markdown_table, pick
 from merger.demo import demo_model_dir
+from merger.fs import write_atomic
 from merger.train.config import TrainConfig
 from merger.train.data import batches, collate, load_examples
 from merger.train.loop import Trainer, load_model, load_tokenizer, loss_volatility

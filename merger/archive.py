@@ -16,17 +16,22 @@ import posixpath
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal, cast
 
 from merger.errors import D2LoraError
+from merger.fs import PICKLE_SUFFIXES
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 ZIP_ENCRYPTED = 0x1  # general purpose bit 0
-TAR_DECOMPRESSORS = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ\x00": lzma.open}
+# magic bytes -> the file class that undoes that compression, opened as cls(path, "rb")
+TAR_DECOMPRESSORS: dict[bytes, Callable[[Path, Literal["rb"]], io.BufferedIOBase]] = {
+    b"\x1f\x8b": gzip.GzipFile,
+    b"BZh": bz2.BZ2File,
+    b"\xfd7zXZ\x00": lzma.LZMAFile,
+}
 TAR_MAGIC, TAR_MAGIC_OFFSET = b"ustar", 257
 TAR_HEADER_ALLOWANCE = 4096  # bytes of headers and padding allowed per member beyond its data
 
@@ -110,7 +115,7 @@ class _CappedStream:
     so the member-size checks alone cannot stop a header that inflates to gigabytes.
     """
 
-    def __init__(self, stream: IO[bytes], cap: int):
+    def __init__(self, stream: io.BufferedIOBase, cap: int):
         self.stream, self.cap = stream, cap
 
     def _check(self, end: int) -> None:
@@ -130,12 +135,17 @@ class _CappedStream:
         return self.stream.read(size)
 
 
-def _tar_stream(path: Path) -> IO[bytes]:
+def _capped(stream: io.BufferedIOBase, cap: int) -> IO[bytes]:
+    """`stream` behind a _CappedStream, typed as the file object tarfile takes (it uses read, seek, tell)."""
+    return cast(IO[bytes], _CappedStream(stream, cap))
+
+
+def _tar_stream(path: Path) -> io.BufferedIOBase:
     """The archive's bytes after gzip / bzip2 / xz decompression, as a seekable stream."""
     with open(path, "rb") as f:
         magic = f.read(len(max(TAR_DECOMPRESSORS, key=len)))
-    opener = next((o for m, o in TAR_DECOMPRESSORS.items() if magic.startswith(m)), open)
-    return opener(path, "rb")
+    opener = next((o for m, o in TAR_DECOMPRESSORS.items() if magic.startswith(m)), None)
+    return open(path, "rb") if opener is None else opener(path, "rb")
 
 
 def is_tar(path: Path) -> bool:
@@ -147,14 +157,16 @@ def is_tar(path: Path) -> bool:
 
 def read_tar(path: Path, limits: ArchiveLimits) -> ArtifactFiles:
     cap = limits.max_total_bytes + (limits.max_members + 4) * TAR_HEADER_ALLOWANCE
-    with _tar_stream(path) as raw, tarfile.open(fileobj=_CappedStream(raw, cap), mode="r:") as tar:
+    with _tar_stream(path) as raw, tarfile.open(fileobj=_capped(raw, cap), mode="r:") as tar:
         members = {_check_member_name(m.name): m for m in _tar_members(tar, limits) if m.isfile()}
         sizes = {name: m.size for name, m in members.items()}
         _check_totals(sizes, limits)
         config_name, weights_name = _pick(sizes)
 
         def read(name: str) -> bytes:
-            return _read_capped(tar.extractfile(members[name]), name, limits.max_member_bytes)
+            stream = tar.extractfile(members[name])
+            assert stream is not None  # members holds regular files only
+            return _read_capped(stream, name, limits.max_member_bytes)
 
         return ArtifactFiles(read(config_name), read(weights_name))
 

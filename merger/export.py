@@ -17,13 +17,20 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from safetensors.torch import save_file
 
 from merger.archive import DEFAULT_LIMITS, ArchiveLimits
 from merger.artifact import KEY_PREFIX
+from merger.checkpoint import CheckpointReader
 from merger.errors import D2LoraError
 from merger.merge import atomic_output_dir, check_out_dir
-from merger.per_request import bound_modules, load_adapter, low_rank_config, reading, write_json, write_per_request_form
+from merger.per_request import (
+    bound_modules,
+    load_adapter,
+    low_rank_config,
+    save_safetensors,
+    write_json,
+    write_per_request_form,
+)
 
 
 class ExportError(D2LoraError):
@@ -56,7 +63,7 @@ class PeftDoraFormat(ExportFormat):
         adapter = load_adapter(adapter_path, limits)
         tensors: dict[str, torch.Tensor] = {}
         ranks: dict[str, int] = {}
-        with reading(base_dir) as reader:
+        with CheckpointReader(base_dir) as reader:
             for module, w0 in bound_modules(reader, adapter):
                 dora = adapter.kind.dora(w0, module)
                 prefix = f"{KEY_PREFIX}{module.path}"
@@ -66,7 +73,7 @@ class PeftDoraFormat(ExportFormat):
                 ranks[module.path] = dora.a.shape[0]
         with atomic_output_dir(out_dir) as tmp:
             write_json(tmp / "adapter_config.json", low_rank_config(adapter, ranks, use_dora=True))
-            save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+            save_safetensors(tmp / "adapter_model.safetensors", tensors)
         return ExportResult(out_dir, time.perf_counter() - start, len(ranks), max(ranks.values()))
 
 

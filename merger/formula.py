@@ -79,7 +79,8 @@ def d2lora_delta(
     One matmul of the concatenated factors (d2lora_factors), so the sum is
     accumulated once in fp32 rather than as two rounded products.
     """
-    a, b = d2lora_factors(*(t.to(COMPUTE_DTYPE) for t in (a_pos, b_pos, a_neg, b_neg)), tau)
+    a, b = d2lora_factors(a_pos.to(COMPUTE_DTYPE), b_pos.to(COMPUTE_DTYPE), a_neg.to(COMPUTE_DTYPE),
+                          b_neg.to(COMPUTE_DTYPE), tau)  # fmt: skip
     return low_rank_delta(a, b, scaling)
 
 

@@ -55,7 +55,7 @@ class AdapterKind:
     """The strategy for one adapter family.  Subclasses set the class vars."""
 
     name: ClassVar[str]
-    factor_names: ClassVar[tuple[str, ...]]
+    factor_names: ClassVar[tuple[str, ...]]  # the tensors each adapted module carries
     add_residual: ClassVar[bool] = False
 
     def factor_shapes(self, r: int, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
@@ -144,7 +144,7 @@ def _lora_shapes(r: int, out_features: int, in_features: int) -> dict[str, tuple
 
 class LoraKind(AdapterKind):
     name = "LORA"
-    factor_names = ("lora_A.weight", "lora_B.weight")
+    factor_names: ClassVar[tuple[str, ...]] = ("lora_A.weight", "lora_B.weight")
 
     def factor_shapes(self, r, out_features, in_features):
         return _lora_shapes(r, out_features, in_features)

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,10 +22,7 @@ from tqdm import tqdm
 from merger.archive import DEFAULT_LIMITS, ArchiveLimits
 from merger.artifact import Adapter
 from merger.checkpoint import (
-    DTYPE_NAMES,
-    DTYPES,
     INDEX_NAME,
-    PICKLE_WEIGHTS,
     CheckpointReader,
     ShardWriter,
     TensorSpec,
@@ -34,11 +30,12 @@ from merger.checkpoint import (
     shard_name,
     write_index,
 )
+from merger.dtypes import OUTPUT_DTYPES, SAFETENSORS_DTYPES, SAFETENSORS_NAMES, dtype_name
 from merger.errors import D2LoraError
 from merger.formula import FusionError
+from merger.fs import PICKLE_WEIGHTS, WEIGHT_SUFFIXES, atomic_dir, write_atomic
 from merger.kinds import AdapterKind, ModuleAdapter
 
-OUTPUT_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_SHARD_BYTES = 2 << 30
 # torch intra-op threads while fusing.  The merge is I/O-bound and its maths (a few
 # element-wise passes per targeted weight) memory-bound, so more threads buy little;
@@ -46,8 +43,6 @@ DEFAULT_MAX_SHARD_BYTES = 2 << 30
 # shared cores took 2× the wall time with 2 threads as with 1 (benchmarks/merge_bench.py).
 MERGE_THREADS = 1
 PROVENANCE_NAME = "d2lora_merge.json"
-TMP_MARKER = ".d2lora-tmp-"
-SKIPPED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".pkl", ".ckpt", ".gguf", ".lock")
 
 
 class MergeError(D2LoraError):
@@ -70,9 +65,9 @@ def resolve_dtype(name: str) -> torch.dtype | None:
 
 
 def _output_spec(spec: TensorSpec, dtype: torch.dtype | None) -> TensorSpec:
-    if dtype is None or not DTYPES[spec.dtype].is_floating_point:
+    if dtype is None or not SAFETENSORS_DTYPES[spec.dtype].is_floating_point:
         return spec
-    return dataclasses.replace(spec, dtype=DTYPE_NAMES[dtype])
+    return dataclasses.replace(spec, dtype=SAFETENSORS_NAMES[dtype])
 
 
 def check_out_dir(out_dir: Path) -> None:
@@ -106,40 +101,36 @@ def check_threads(threads: int | None) -> None:
 
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; rename it to out_dir on success, delete it on failure."""
+    """merger.fs.atomic_dir, with an unusable --out as a one-line MergeError."""
     check_out_dir(out_dir)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{TMP_MARKER}", dir=out_dir.parent))
     except OSError as err:
         raise MergeError(f"--out: cannot create {out_dir} ({err.strerror})") from None
-    try:
+    if not os.access(out_dir.parent, os.W_OK):
+        raise MergeError(f"--out: cannot create {out_dir} (its folder is not writable)")
+    with atomic_dir(out_dir) as tmp:
         yield tmp
-        tmp.chmod(0o755)  # mkdtemp makes it 0700
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def copy_side_files(base_dir: Path, out_dir: Path, dtype: torch.dtype | None) -> None:
     """Config, tokenizer and generation files; weights and pickles are not copied."""
     for src in sorted(base_dir.iterdir()):
-        if src.is_file() and not src.name.endswith(SKIPPED_SUFFIXES) and src.name not in (INDEX_NAME, *PICKLE_WEIGHTS):
+        if src.is_file() and not src.name.endswith(WEIGHT_SUFFIXES) and src.name not in (INDEX_NAME, *PICKLE_WEIGHTS):
             shutil.copy2(src, out_dir / src.name)
     config_path = out_dir / "config.json"
     if dtype is not None and config_path.is_file():
         config = json.loads(config_path.read_text())
-        config["dtype"] = str(dtype).removeprefix("torch.")
+        config["dtype"] = dtype_name(dtype)
         config.pop("torch_dtype", None)
-        config_path.write_text(json.dumps(config, indent=2) + "\n")
+        write_atomic(config_path, json.dumps(config, indent=2) + "\n")
 
 
 def _cast_fused(fused: torch.Tensor, dtype: torch.dtype, module: ModuleAdapter) -> torch.Tensor:
     """The one cast of Ŵ to the output dtype; values beyond its range are an error, not ±inf."""
     cast = fused.to(dtype)
     if dtype != fused.dtype and not bool(torch.isfinite(cast).all()):  # fused itself was checked in fp32
-        raise FusionError(f"{module.path}: fused weight overflows {str(dtype).removeprefix('torch.')}")
+        raise FusionError(f"{module.path}: fused weight overflows {dtype_name(dtype)}")
     return cast
 
 
@@ -149,11 +140,11 @@ def _write_tensor(
     stored = reader.tensors[spec.name].spec
     if module is not None:
         fused = kind.fuse(reader.read(spec.name), module)  # fp32, stored layout
-        writer.write(spec.name, _cast_fused(fused, DTYPES[spec.dtype], module))
+        writer.write(spec.name, _cast_fused(fused, SAFETENSORS_DTYPES[spec.dtype], module))
     elif stored == spec:
         writer.copy(spec.name, reader)
     else:
-        writer.write(spec.name, reader.read(spec.name).to(DTYPES[spec.dtype]))
+        writer.write(spec.name, reader.read(spec.name).to(SAFETENSORS_DTYPES[spec.dtype]))
 
 
 def write_merged_shards(
@@ -186,7 +177,7 @@ def check_float_targets(reader: CheckpointReader, bound: list[ModuleAdapter]) ->
     """Only floating-point base weights can be fused (quantized ones would be cast to garbage)."""
     for module in bound:
         stored = reader.tensors[module.weight_key].spec.dtype
-        if not DTYPES[stored].is_floating_point:
+        if not SAFETENSORS_DTYPES[stored].is_floating_point:
             raise MergeError(f"{module.path}: base weight is {stored}, not floating point; cannot fuse")
 
 
@@ -232,7 +223,7 @@ def merge(
                 )
             copy_side_files(base_dir, tmp, target_dtype)
             provenance = _provenance(adapter, adapter_path, base_dir, dtype)
-            (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2) + "\n")
+            write_atomic(tmp / PROVENANCE_NAME, json.dumps(provenance, indent=2) + "\n")
     finally:
         reader.close()
     return MergeResult(out_dir, time.perf_counter() - start, len(adapter.modules), tensors, nbytes)

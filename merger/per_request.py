@@ -15,7 +15,6 @@ Without the side file (plain LoRA, d = 1) the folder is an ordinary LoRA adapter
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import re
@@ -30,6 +29,7 @@ from merger.archive import DEFAULT_LIMITS, ArchiveLimits
 from merger.artifact import KEY_PREFIX, Adapter
 from merger.checkpoint import CheckpointReader
 from merger.errors import D2LoraError
+from merger.fs import save_atomic, write_atomic
 from merger.kinds import ModuleAdapter
 from merger.merge import atomic_output_dir, check_float_targets, check_out_dir
 
@@ -85,7 +85,11 @@ def low_rank_config(adapter: Adapter, ranks: dict[str, int], use_dora: bool) -> 
 
 
 def write_json(path: Path, value: dict) -> None:
-    path.write_text(json.dumps(value, indent=2) + "\n")
+    write_atomic(path, json.dumps(value, indent=2) + "\n")
+
+
+def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    save_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})}))
 
 
 def _row_scale_metadata(scales: dict[str, torch.Tensor], kind: str) -> dict[str, str]:
@@ -106,7 +110,7 @@ def write_per_request_form(
     factors: dict[str, torch.Tensor] = {}
     scales: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
-    with reading(base_dir) as reader:
+    with CheckpointReader(base_dir) as reader:
         for module, w0 in bound_modules(reader, adapter):
             form = adapter.kind.row_scaled(w0, module)
             factors[f"{KEY_PREFIX}{module.path}.lora_A.weight"] = form.a.contiguous()  # (k, in)
@@ -116,22 +120,12 @@ def write_per_request_form(
                 scales[module.path] = form.row_scale.contiguous()  # (out,)
     with atomic_output_dir(out_dir) as tmp:
         write_json(tmp / "adapter_config.json", low_rank_config(adapter, ranks, use_dora=False))
-        save_file(factors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        save_safetensors(tmp / "adapter_model.safetensors", factors)
         if scales:
-            save_file(scales, tmp / ROW_SCALE_NAME, metadata=_row_scale_metadata(scales, adapter.kind.name))
+            save_safetensors(tmp / ROW_SCALE_NAME, scales, _row_scale_metadata(scales, adapter.kind.name))
         provenance = {"format_version": FORMAT_VERSION, "kind": adapter.kind.name, "rank": max(ranks.values())}
         write_json(tmp / PROVENANCE_NAME, {**provenance, "modules": sorted(ranks), "row_scaled": sorted(scales)})
     return PerRequestResult(out_dir, time.perf_counter() - start, len(ranks), max(ranks.values()), len(scales))
-
-
-@contextlib.contextmanager
-def reading(base_dir: str | Path) -> Iterator[CheckpointReader]:
-    """A CheckpointReader whose open shard is closed on exit."""
-    reader = CheckpointReader(base_dir)
-    try:
-        yield reader
-    finally:
-        reader.close()
 
 
 def read_row_scales(folder: str | Path) -> dict[str, torch.Tensor]:

@@ -63,9 +63,8 @@ def probe_texts(tokenizer) -> tuple[str, ...]:
 
 
 def _pad_token_id(tokenizer) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
+    candidates = (tokenizer.pad_token_id, tokenizer.eos_token_id)
+    return next((int(c) for c in candidates if c is not None), 0)
 
 
 def build_probes(tokenizer) -> ProbeBatch:

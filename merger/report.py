@@ -29,8 +29,6 @@ import dataclasses
 import json
 import math
 import operator
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +36,7 @@ from typing import Any
 import torch
 
 from merger.errors import D2LoraError
+from merger.fs import write_atomic
 
 
 class ThresholdError(D2LoraError):
@@ -182,16 +181,8 @@ class EquivalenceReport:
         return out
 
     def write_json(self, path: str | Path) -> None:
-        """Write to_dict() as JSON atomically: a temporary sibling file renamed into place."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(self.to_dict(), indent=2) + "\n")
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        """Write to_dict() as JSON atomically (merger.fs)."""
+        write_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     def summary(self) -> str:
         lines = [

@@ -24,7 +24,7 @@ from torch import nn
 
 from merger import formula
 from merger.artifact import Adapter
-from merger.checkpoint import CheckpointReader
+from merger.checkpoint import checkpoint_shapes
 from merger.errors import D2LoraError
 from merger.kinds import AdapterKind, ModuleAdapter
 
@@ -36,11 +36,15 @@ class UnmergedModelError(D2LoraError):
 class UnmergedLinear(nn.Module):
     """A frozen base Linear / Conv1D plus one adapter applied on the fly."""
 
+    weight: torch.Tensor  # stored layout ((in, out) for Conv1D); shared with the base, not copied
+    bias: torch.Tensor | None
+    cached_scale: torch.Tensor | None  # (out, 1), or None when recomputed or for plain LoRA
+
     def __init__(self, base: nn.Module, kind: AdapterKind, adapter: ModuleAdapter, recompute_scale: bool = False):
         super().__init__()
         self.kind, self.recompute_scale, self.fan_in_fan_out = kind, recompute_scale, adapter.fan_in_fan_out
-        self.weight, self.bias = base.weight, base.bias  # stored layout; shared with the base, not copied
-        factors = {name: t.to(base.weight.device, formula.COMPUTE_DTYPE) for name, t in adapter.factors.items()}
+        self.weight, self.bias = base.get_parameter("weight"), getattr(base, "bias", None)
+        factors = {name: t.to(self.weight.device, formula.COMPUTE_DTYPE) for name, t in adapter.factors.items()}
         self.adapter = dataclasses.replace(adapter, factors=factors)
         self.register_buffer("cached_scale", None if recompute_scale else self.compute_row_scale(), persistent=False)
 
@@ -96,7 +100,7 @@ def apply_unmerged(
 ) -> nn.Module:
     """Replace every module the adapter targets by an UnmergedLinear, in place; returns the model.
 
-    base_shapes (e.g. CheckpointReader(base_dir).shapes()) validates the adapter
+    base_shapes (e.g. merger.checkpoint.checkpoint_shapes(base_dir)) validates the adapter
     against the checkpoint; by default the model's own state dict is used.
     """
     bound = adapter.bind(base_shapes if base_shapes is not None else model_shapes(model))
@@ -113,8 +117,6 @@ def load_unmerged(
     """The base checkpoint in `dtype` (float32: the adapter's exact function) with the adapter unmerged."""
     from transformers import AutoModelForCausalLM
 
-    reader = CheckpointReader(base_dir)
-    shapes = reader.shapes()
-    reader.close()
+    shapes = checkpoint_shapes(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).eval()
     return apply_unmerged(model, adapter, recompute_scale, shapes)

@@ -24,7 +24,8 @@ import torch
 
 from merger import formula
 from merger.artifact import Adapter
-from merger.checkpoint import DTYPES, CheckpointReader
+from merger.checkpoint import CheckpointReader, checkpoint_shapes
+from merger.dtypes import SAFETENSORS_DTYPES, dtype_name
 from merger.errors import D2LoraError
 from merger.kinds import AdapterKind, ModuleAdapter
 from merger.merge import merge, resolve_dtype
@@ -169,7 +170,7 @@ def merged_checkpoint(base_dir: Path, adapter_path: Path, merged_dir: Path | Non
 
 def stored_dtype(reader: CheckpointReader, bound: list[ModuleAdapter]) -> torch.dtype:
     """The dtype the merged checkpoint holds its adapted weights in."""
-    return DTYPES[reader.tensors[bound[0].weight_key].spec.dtype]
+    return SAFETENSORS_DTYPES[reader.tensors[bound[0].weight_key].spec.dtype]
 
 
 def check_requested_dtype(requested: str, actual: torch.dtype) -> None:
@@ -179,16 +180,13 @@ def check_requested_dtype(requested: str, actual: torch.dtype) -> None:
 
 
 def _weight_checks(base_dir: Path, merged: CheckpointReader, adapter: Adapter, bound: list[ModuleAdapter]):
-    base = CheckpointReader(base_dir)
-    try:
+    with CheckpointReader(base_dir) as base:
         adapted = {m.weight_key for m in bound}
         return (
             weight_errors(base, merged, adapter.kind, bound),
             untouched_abs_diff(base, merged, adapted),
             tensor_name_problems(base, merged),
         )
-    finally:
-        base.close()
 
 
 def dtype_floor(base_dir: Path, dtype: torch.dtype, probes: ProbeBatch) -> LogitMetrics | None:
@@ -235,15 +233,12 @@ def verify(
     start = time.perf_counter()
     base_dir, adapter_path = Path(base_dir), Path(adapter_path)
     adapter = Adapter.load(adapter_path)
-    bound = adapter.bind(_base_shapes(base_dir))
+    bound = adapter.bind(checkpoint_shapes(base_dir))
     with merged_checkpoint(base_dir, adapter_path, Path(merged_dir) if merged_dir else None, dtype) as folder:
-        merged = _checked_merged_reader(folder, bound)
-        try:
+        with _checked_merged_reader(folder, bound) as merged:
             merged_dtype = stored_dtype(merged, bound)
             check_requested_dtype(dtype, merged_dtype)
             errors, untouched, name_problems = _weight_checks(base_dir, merged, adapter, bound)
-        finally:
-            merged.close()
         logits, floor = _logit_checks(base_dir, folder, adapter, merged_dtype)
     gc.collect()
     report = EquivalenceReport(
@@ -252,7 +247,7 @@ def verify(
         merged=str(merged_dir) if merged_dir else None,
         kind=adapter.kind.name,
         reference_dtype=REFERENCE_NAME,
-        merged_dtype=str(merged_dtype).removeprefix("torch."),
+        merged_dtype=dtype_name(merged_dtype),
         probes=len(logits.greedy_first_divergence),
         new_tokens=NEW_TOKENS,
         logits=logits,
@@ -264,10 +259,3 @@ def verify(
         dtype_floor=floor,
     )
     return report.judged()
-
-
-def _base_shapes(base_dir: Path) -> dict[str, tuple[int, ...]]:
-    reader = CheckpointReader(base_dir)  # reads the shard headers only
-    shapes = reader.shapes()
-    reader.close()
-    return shapes

@@ -22,13 +22,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from merger.errors import D2LoraError
 from service import metrics
 from service.auth import Authenticator
-from service.engines.base import ENGINES
+from service.engines import engine_factory
+from service.engines.context import resolve_max_model_len
 from service.errors import install_error_handlers
 from service.inference import InferenceHandler
 from service.management import AdapterManager
 from service.registry import AdapterRecord, Registry
 from service.routes import ROUTERS
-from service.scheduler import Scheduler
+from service.scheduling.scheduler import Scheduler
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -50,9 +51,10 @@ def base_model_dir(settings: Settings) -> Path:
     return settings.base_dir
 
 
-def check_engine(settings: Settings) -> None:
-    if settings.engine not in ENGINES:
-        raise ServeError(f"--engine: {settings.engine!r} is not one of {', '.join(sorted(ENGINES))}")
+def resolve_settings(settings: Settings) -> Settings:
+    """The settings a server starts with: a base model that exists and a max_model_len it supports."""
+    base_dir = base_model_dir(settings)
+    return settings.model_copy(update={"max_model_len": resolve_max_model_len(settings, base_dir)})
 
 
 def restore_equivalence_gauges(records: list[AdapterRecord]) -> None:
@@ -63,9 +65,9 @@ def restore_equivalence_gauges(records: list[AdapterRecord]) -> None:
 
 
 async def start_scheduler(settings: Settings, base_dir: Path, registry: Registry) -> Scheduler:
-    scheduler = await Scheduler.create(settings, base_dir)
+    scheduler = await Scheduler.create(settings, base_dir, engine_factory(settings))
     for record in registry.all_serving():
-        await scheduler.add_model(record.name, Path(record.tensors_file))
+        await scheduler.add_model(record.name, record.fused_tensors)
     return scheduler
 
 
@@ -80,7 +82,7 @@ async def watch_engines(app: FastAPI, scheduler: Scheduler) -> None:
 
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI):
-    settings: Settings = app.state.settings
+    settings = resolve_settings(app.state.settings)
     base_dir = base_model_dir(settings)
     base_name = base_dir.resolve().name
     registry = Registry(settings.data_dir)

@@ -9,33 +9,18 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
 import secrets
-import uuid
-from pathlib import Path
 
 from fastapi import Request
 
+from merger.fs import write_atomic
 from service.protocol import APIError
-from service.registry import fsync_dir
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 TOKEN_FILE = "admin_token"
 SCHEME = "bearer"
-
-
-def _write_secret(path: Path, token: str) -> None:
-    """Create the file with mode 0600 from the first byte, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def admin_token(settings: Settings) -> str:
@@ -47,7 +32,7 @@ def admin_token(settings: Settings) -> str:
         logger.info("admin token: read from %s", path)
         return path.read_text().strip()
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_secret(path, secrets.token_urlsafe(32))
+    write_atomic(path, secrets.token_urlsafe(32) + "\n", mode=0o600)  # 0600 from the first byte
     logger.warning("admin token: generated and stored in %s (mode 0600); send it as 'Authorization: Bearer ...'", path)
     return path.read_text().strip()
 

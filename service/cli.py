@@ -1,47 +1,55 @@
-"""`d2lora serve --base DIR [--engine vllm|transformers] [--host H] [--port P] [--data-dir DIR]`.
+"""The `d2lora` entry point (SPEC §3): the command table.
 
-Flags override the D2LORA_* environment (service.settings.Settings).
+This side may see both packages: the merger's commands (merge, verify, models, train) are parsers and
+functions in merger/, the service's (serve, demo) in service/.  A user error (merger.errors.D2LoraError)
+prints one line and exits 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-from pathlib import Path
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from service.settings import Settings
+from merger import commands as merger_commands
+from merger import export_cli
+from merger.errors import D2LoraError
+from merger.train import cli as train_commands
+from service import demo, serve
 
-FLAGS = ("base_dir", "engine", "host", "port", "data_dir")
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
 
-
-def settings_from(args: argparse.Namespace) -> Settings:
-    overrides = {flag: getattr(args, flag) for flag in FLAGS if getattr(args, flag) is not None}
-    return Settings(**overrides)
-
-
-def run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from service.app import EXIT_ENGINE_DEAD, base_model_dir, check_engine, create_app
-
-    settings = settings_from(args)
-    base_model_dir(settings)  # a bad --base or --engine is one line and exit 2, before anything starts
-    check_engine(settings)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=10)
-    )
-    app.state.shutdown = lambda: setattr(server, "should_exit", True)
-    server.run()
-    return EXIT_ENGINE_DEAD if app.state.engine_dead else 0
+# Each adds its sub-commands to `d2lora`, in `d2lora --help` order.
+COMMANDS: tuple[Callable[[Any], None], ...] = (
+    merger_commands.add_parser,  # merge, verify, models
+    export_cli.add_parser,  # export
+    train_commands.add_parser,  # train
+    serve.add_parser,  # serve
+    demo.add_parser,  # demo
+)
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("serve", help="serve the base and its adapters (OpenAI API + /adapters)")
-    p.add_argument("--base", dest="base_dir", type=Path, help="base model folder (default: $D2LORA_BASE_DIR)")
-    p.add_argument("--engine", help="vllm (default) | transformers")
-    p.add_argument("--host", help="default 127.0.0.1")
-    p.add_argument("--port", type=int, help="default 8000")
-    p.add_argument("--data-dir", dest="data_dir", type=Path, help="adapter records, fused tensors, admin token")
-    p.set_defaults(func=run_serve)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="d2lora", description="Merge, verify, train and serve D²-LoRA adapters.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_commands in COMMANDS:
+        add_commands(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except D2LoraError as err:
+        print(f"d2lora {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"d2lora {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

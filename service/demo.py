@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import uvicorn
 
+from service.serve import LOG_FORMAT, add_server_flags, settings_from
 from service.settings import Settings
 
 logger = logging.getLogger("d2lora.demo")
@@ -101,21 +102,18 @@ async def serve_demo(settings: Settings, adapters: dict[str, Path]) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     from merger.demo import build_demo_model
     from merger.train.tasks import build_demo_adapters
-    from service.cli import settings_from
+    from service.app import resolve_settings
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     settings = settings_from(args)
     base_dir = build_demo_model(settings.cache_dir)
     adapters = build_demo_adapters(settings.cache_dir, base_dir)
-    settings = settings.model_copy(update={"base_dir": base_dir})
+    settings = resolve_settings(settings.model_copy(update={"base_dir": base_dir}))
     asyncio.run(serve_demo(settings, adapters))
     return 0
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("demo", help="build the demo model and adapters, then serve them")
-    p.add_argument("--engine", help="vllm (default) | transformers")
-    p.add_argument("--host", help="default 127.0.0.1")
-    p.add_argument("--port", type=int, help="default 8000")
-    p.add_argument("--data-dir", dest="data_dir", type=Path, help="adapter records, fused tensors, admin token")
+    add_server_flags(p)
     p.set_defaults(func=run_demo, base_dir=None)

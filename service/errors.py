@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from merger.errors import D2LoraError
 from service.protocol import APIError
-from service.scheduler import QueueFullError, UnknownModelError
+from service.scheduling.errors import QueueFullError, UnknownModelError
 
 logger = logging.getLogger(__name__)
 
@@ -28,13 +30,14 @@ STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG
 
 def storage_error(err: BaseException) -> APIError | None:
     """507 for a write the data dir refused (full, over quota, read-only), even wrapped; None for any other error."""
-    while err is not None and not (isinstance(err, OSError) and err.errno in STORAGE_ERRNOS):
-        err = err.__cause__ or err.__context__
-    if err is None:
+    cause: BaseException | None = err
+    while cause is not None and not (isinstance(cause, OSError) and cause.errno in STORAGE_ERRNOS):
+        cause = cause.__cause__ or cause.__context__
+    if not isinstance(cause, OSError):
         return None
     return APIError(
         507,
-        f"the data dir cannot store this adapter: {err.strerror}; nothing was registered",
+        f"the data dir cannot store this adapter: {cause.strerror}; nothing was registered",
         code="insufficient_storage",
     )
 
@@ -62,7 +65,7 @@ async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
 async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
     param = _param(tuple(first.get("loc", ())))
-    message = f"{param}: {first['msg']}" if param else first["msg"]
+    message = f"{param}: {first['msg']}" if param else str(first["msg"])
     return render(APIError(422, message, param=param, code="invalid_request"))
 
 
@@ -101,12 +104,19 @@ async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     return render(APIError(500, f"internal error: {type(exc).__name__}", code="internal_error"))
 
 
+# exception class -> its handler; Starlette picks the most specific class of a raised exception
+HANDLERS: dict[type[Exception], Callable[[Request, Any], Awaitable[JSONResponse]]] = {
+    APIError: on_api_error,
+    RequestValidationError: on_validation_error,
+    StarletteHTTPException: on_http_error,
+    QueueFullError: on_queue_full,
+    UnknownModelError: on_unknown_model,
+    D2LoraError: on_user_error,
+    OSError: on_os_error,
+    Exception: on_unexpected,
+}
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(APIError, on_api_error)
-    app.add_exception_handler(RequestValidationError, on_validation_error)
-    app.add_exception_handler(StarletteHTTPException, on_http_error)
-    app.add_exception_handler(QueueFullError, on_queue_full)
-    app.add_exception_handler(UnknownModelError, on_unknown_model)
-    app.add_exception_handler(D2LoraError, on_user_error)
-    app.add_exception_handler(OSError, on_os_error)
-    app.add_exception_handler(Exception, on_unexpected)
+    for kind, handler in HANDLERS.items():
+        app.add_exception_handler(kind, handler)

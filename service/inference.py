@@ -9,11 +9,12 @@ generation tokens, time to first token, time per output token after the first.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from typing import ClassVar
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -122,8 +123,8 @@ class InferenceHandler:
                 param="model",
                 code="model_not_found",
             )
-        if not self.scheduler.serves(model, Path(record.tensors_file)):
-            await self.scheduler.add_model(model, Path(record.tensors_file))
+        if not self.scheduler.serves(model, record.fused_tensors):
+            await self.scheduler.add_model(model, record.fused_tensors)
         return model
 
     async def complete(self, body: CompletionRequest, request: Request):
@@ -150,7 +151,7 @@ class InferenceHandler:
 
 
 async def collect(
-    chunks: AsyncIterator[GenerationChunk], first: GenerationChunk, tracker: Tracker, shaper: Shaper
+    chunks: AsyncGenerator[GenerationChunk, None], first: GenerationChunk, tracker: Tracker, shaper: Shaper
 ) -> OpenAIBaseModel:
     try:
         tracker.add(first)
@@ -163,7 +164,7 @@ async def collect(
 
 
 async def stream_events(
-    chunks: AsyncIterator[GenerationChunk],
+    chunks: AsyncGenerator[GenerationChunk, None],
     first: GenerationChunk,
     tracker: Tracker,
     shaper: Shaper,
@@ -189,17 +190,27 @@ async def stream_events(
         tracker.record()
 
 
-class Shaper:
+class Shaper(abc.ABC):
     """Turns chunks and the final tally into one endpoint's wire objects."""
 
-    id_prefix: str
+    id_prefix: ClassVar[str]
 
     def __init__(self, model: str):
         self.model = model
         self.id = random_id(self.id_prefix)
 
-    def opening(self, n: int) -> list[OpenAIBaseModel]:
+    def opening(self, n: int) -> Sequence[OpenAIBaseModel]:
+        """Events sent before the first chunk (a chat stream announces the assistant role)."""
         return []
+
+    @abc.abstractmethod
+    def chunk(self, chunk: GenerationChunk) -> OpenAIBaseModel: ...
+
+    @abc.abstractmethod
+    def usage_chunk(self, tracker: Tracker) -> OpenAIBaseModel: ...
+
+    @abc.abstractmethod
+    def response(self, tracker: Tracker) -> OpenAIBaseModel: ...
 
 
 class CompletionShaper(Shaper):

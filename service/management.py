@@ -20,7 +20,7 @@ from pathlib import Path
 from fastapi import Request
 
 from merger.archive import CONFIG_NAME, WEIGHTS_NAME, ArchiveLimits
-from merger.checkpoint import CheckpointReader
+from merger.checkpoint import checkpoint_shapes
 from merger.errors import D2LoraError
 from service import metrics
 from service.errors import storage_error
@@ -74,7 +74,7 @@ class AdapterManager:
         self.registry, self.scheduler = registry, scheduler
         unpacked = settings.max_upload_bytes * ARCHIVE_EXPANSION  # what an archive may unpack to, all members
         self.limits = ArchiveLimits(max_member_bytes=unpacked, max_total_bytes=unpacked)
-        self.base_shapes = _base_shapes(base_dir)
+        self.base_shapes = checkpoint_shapes(base_dir)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="d2lora-merge")
         self.merging: set[str] = set()
         self.failure_status: dict[str, int] = {}  # name -> HTTP status of its last failed merge (one at a time)
@@ -226,14 +226,6 @@ class AdapterManager:
         for job in list(self.jobs):
             job.cancel()
         self.worker.shutdown(wait=False, cancel_futures=True)
-
-
-def _base_shapes(base_dir: Path) -> dict[str, tuple[int, ...]]:
-    reader = CheckpointReader(base_dir)
-    try:
-        return reader.shapes()
-    finally:
-        reader.close()
 
 
 def forget_equivalence(name: str) -> None:

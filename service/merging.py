@@ -7,7 +7,6 @@ result (or the D2LoraError) into a record.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from merger.archive import ArchiveLimits
 from merger.artifact import Adapter
 from merger.checkpoint import CheckpointReader
 from merger.errors import D2LoraError
+from merger.fs import save_atomic
 from merger.merge import merge
 
 MERGED_DIR = "merged"
@@ -85,16 +85,9 @@ def check_adapter(
 
 def keep_fused_tensors(merged_dir: Path, weight_keys: tuple[str, ...], out_file: Path) -> None:
     """Copy only the changed tensors of the merged checkpoint into one safetensors file (atomically)."""
-    reader = CheckpointReader(merged_dir)
-    try:
+    with CheckpointReader(merged_dir) as reader:
         tensors = {key: reader.read(key).contiguous() for key in weight_keys}
-    finally:
-        reader.close()
-    tmp = out_file.with_name(f".{out_file.name}.tmp")
-    save_file(tensors, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, out_file)
+    save_atomic(out_file, lambda tmp: save_file(tensors, tmp))
 
 
 def merge_and_verify(

@@ -37,6 +37,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from merger.fs import create_exclusive, fsync_dir, write_atomic
+
 logger = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -69,38 +71,12 @@ class AdapterRecord(BaseModel):
     def stem(self) -> str:
         return f"{self.version:06d}"
 
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a sibling temp file, fsync, rename over `path`, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def create_exclusive(path: Path, data: bytes) -> bool:
-    """Like write_atomic, but only if `path` does not exist yet (False then): claims a name among replicas."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    write_atomic(tmp, data)
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        return False
-    finally:
-        tmp.unlink()
-    fsync_dir(path.parent)
-    return True
+    @property
+    def fused_tensors(self) -> Path:
+        """The fused target tensors of a ready version (what the scheduler swaps in)."""
+        if self.tensors_file is None:
+            raise ValueError(f"adapter {self.name} v{self.version} has no tensors (status {self.status})")
+        return Path(self.tensors_file)
 
 
 def _lock(path: Path, mode: int) -> int | None:
@@ -142,10 +118,10 @@ class Registry:
         """Take the locks, recover what dead servers left, read every record."""
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = _lock(self.lock_path, fcntl.LOCK_EX)
-        alone = fd is not None
+        exclusive = _lock(self.lock_path, fcntl.LOCK_EX)
+        alone = exclusive is not None
+        fd = exclusive if exclusive is not None else os.open(self.lock_path, os.O_RDONLY)
         if not alone:
-            fd = os.open(self.lock_path, os.O_RDONLY)
             fcntl.flock(fd, fcntl.LOCK_SH)  # waits while a server that started alone recovers
         self.fds.append(fd)
         self._remove_dead_owners()
@@ -240,7 +216,7 @@ class Registry:
 
     def all_latest(self) -> list[AdapterRecord]:
         self.refresh()
-        return [self.latest(name) for name in sorted(self.versions)]
+        return [record for name in sorted(self.versions) if (record := self.latest(name)) is not None]
 
     def all_serving(self) -> list[AdapterRecord]:
         self.refresh()
@@ -267,7 +243,7 @@ class Registry:
     def save(self, record: AdapterRecord) -> None:
         folder = self.root / record.name
         folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(folder / f"{record.stem}{RECORD_SUFFIX}", record.model_dump_json(indent=2).encode())
+        write_atomic(folder / f"{record.stem}{RECORD_SUFFIX}", record.model_dump_json(indent=2))
         self.versions.setdefault(record.name, {})[record.version] = record
 
     def discard(self, record: AdapterRecord) -> None:

@@ -1,4 +1,9 @@
-"""Every setting of the product, in one pydantic-settings class (env prefix D2LORA_)."""
+"""Every setting of the product, in one pydantic-settings class (env prefix D2LORA_).
+
+Closed sets are `Literal`s and numbers carry their bounds, so a bad value fails when the settings
+are read, before anything starts; `settings_error` turns pydantic's error into one line that names
+the variable (or the command-line flag that set it).
+"""
 
 from __future__ import annotations
 
@@ -6,20 +11,30 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from merger.demo import default_cache_dir
+from merger.dtypes import ComputeDtype, OutputDtype
+from merger.errors import D2LoraError
+from service.engines import EngineName
+
+ENV_PREFIX = "D2LORA_"
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="D2LORA_", extra="ignore")
+class SettingsError(D2LoraError):
+    """A setting holds a value outside its type or range."""
 
-    cache_dir: Path = Path.home() / ".cache" / "d2lora"  # the demo model and demo adapters live here
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    cache_dir: Path = Field(default_factory=default_cache_dir)  # the demo model and demo adapters live here
 
     # HTTP layer (service/app.py, routes/, registry.py, auth.py)
     base_dir: Path | None = None  # the served base checkpoint (`d2lora serve --base`)
-    engine: str = "vllm"  # a name in service.engines.base.ENGINES
+    engine: EngineName = "vllm"
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     data_dir: Path = Path.home() / ".local" / "share" / "d2lora"  # adapter records + fused tensors + admin token
@@ -27,13 +42,13 @@ class Settings(BaseSettings):
     api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()  # comma-separated; empty: inference is open
     max_upload_bytes: int = Field(default=2 << 30, gt=0)  # cap on one adapter upload, streamed to disk
     allow_base_mismatch: bool = False  # accept adapters whose base_model_name_or_path names another model
-    merge_dtype: str = "auto"  # dtype of the fused tensors (merger.merge.OUTPUT_DTYPES)
+    merge_dtype: OutputDtype = "auto"  # dtype of the fused tensors; auto: the base's stored dtype
 
-    # engines + scheduler (service/engines/, service/scheduler.py)
-    dtype: str = "float32"  # engine compute dtype: float32 | bfloat16 | float16 (fp32 matches the merger bit-for-bit)
+    # engines + scheduler (service/engines/, service/scheduling/)
+    dtype: ComputeDtype = "float32"  # engine compute dtype (fp32 matches the merger bit-for-bit)
     kv_cache_gib: int = Field(default=2, gt=0)  # vLLM KV cache space (VLLM_CPU_KVCACHE_SPACE on CPU)
     gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)  # vLLM on a GPU only
-    max_model_len: int = Field(default=2048, gt=0)  # longest prompt + completion an engine accepts
+    max_model_len: int | None = Field(default=None, gt=0)  # longest prompt + completion; None: the model's own
     max_num_seqs: int = Field(default=64, gt=0)  # sequences one engine decodes together
     max_resident: int = Field(default=1, gt=0)  # engines, each holding one model's weights (1 on CPU)
     max_waiting: int = Field(default=256, gt=0)  # queued requests over all models; beyond it: 429
@@ -70,6 +85,26 @@ class Settings(BaseSettings):
         return value
 
 
+def settings_error(err: ValidationError, flags: dict[str, str] | None = None) -> SettingsError:
+    """The first problem as one line: `D2LORA_DTYPE='fp64': Input should be ...` (or `--engine 'x': ...`)."""
+    first = err.errors()[0]
+    field = str(first["loc"][0]) if first["loc"] else ""
+    name = (flags or {}).get(field, f"{ENV_PREFIX}{field.upper()}")
+    shown = "" if "secret" in field or "token" in field or "keys" in field else f"={first.get('input')!r}"
+    return SettingsError(f"{name}{shown}: {first['msg']}")
+
+
+def load_settings(overrides: dict[str, object] | None = None, flags: dict[str, str] | None = None) -> Settings:
+    """Settings from the environment plus `overrides` (field -> value), a bad value as one SettingsError line.
+
+    flags: field -> the command-line flag that gave its override, named in the error instead of the variable.
+    """
+    try:
+        return Settings(**(overrides or {}))  # type: ignore[arg-type]  # pydantic validates every value
+    except ValidationError as err:
+        raise settings_error(err, flags) from None
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return Settings()
+    return load_settings()

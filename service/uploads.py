@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
 from service.protocol import APIError
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 MAX_TEXT_FIELD_BYTES = 1024
 
@@ -35,11 +38,11 @@ class _PartWriter:
         self.upload = Upload({}, {})
         self.header_name = b""
         self.headers: dict[bytes, bytes] = {}
-        self.field: str | None = None
+        self.field = ""  # the form field of the part being read
         self.sink: IO[bytes] | None = None
         self.text = bytearray()
 
-    def callbacks(self) -> dict:
+    def callbacks(self) -> MultipartCallbacks:
         return {
             "on_part_begin": self.on_part_begin,
             "on_header_field": self.on_header_field,

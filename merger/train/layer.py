@@ -66,6 +66,8 @@ ADAPTABLE = (nn.Linear, Conv1D)
 class D2LoraLayer(nn.Module):
     """A frozen base projection with trainable A₊ (r, in), B₊ (out, r), A₋ (r, in), B₋ (out, r)."""
 
+    base_norm: torch.Tensor  # n0 (out, 1), a buffer
+
     def __init__(
         self, base: nn.Linear | Conv1D, path: str, r: int, lora_alpha: float, tau: float = 0.5, use_rslora: bool = False
     ) -> None:

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from merger.errors import D2LoraError
+from merger.fs import write_atomic
 from merger.merge import atomic_output_dir
 from merger.train.config import TrainConfig
 from merger.train.data import Example, batches, collate, load_examples
@@ -129,7 +130,7 @@ def run_epochs(trainer: Trainer, examples: list[Example], pad_id: int, progress:
     ) as bar:
         for step, (epoch, batch) in enumerate(plan):
             inputs = collate(batch, pad_id)
-            lr = trainer.scheduler.get_last_lr()[0]
+            lr = float(trainer.scheduler.get_last_lr()[0])
             loss, grad_norm, seconds = trainer.step(inputs)
             records.append(StepRecord(step, epoch, loss, lr, grad_norm, seconds, int(inputs["attention_mask"].sum())))
             bar.set_postfix(loss=f"{loss:.4f}")
@@ -189,5 +190,5 @@ def train(
     result = TrainResult(out_dir, records, time.perf_counter() - start)
     with atomic_output_dir(out_dir) as tmp:
         method.save(model, tmp, config, base_dir.name)
-        (tmp / LOG_NAME).write_text(json.dumps(result.log(config, len(examples)), indent=2) + "\n")
+        write_atomic(tmp / LOG_NAME, json.dumps(result.log(config, len(examples)), indent=2) + "\n")
     return result

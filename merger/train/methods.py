@@ -16,7 +16,7 @@ from torch import nn
 
 from merger.archive import CONFIG_NAME, WEIGHTS_NAME
 from merger.artifact import KEY_PREFIX
-from merger.checkpoint import CheckpointReader
+from merger.checkpoint import checkpoint_shapes
 from merger.config import AdapterConfig
 from merger.errors import D2LoraError
 from merger.train.config import TrainConfig
@@ -34,11 +34,7 @@ def _check_matched(count: int, config: TrainConfig) -> None:
 
 def check_targets_exist(base_dir: Path, config: TrainConfig) -> None:
     """Fail before loading the model when no 2-D weight of the checkpoint matches --targets."""
-    reader = CheckpointReader(base_dir)
-    try:
-        shapes = reader.shapes()
-    finally:
-        reader.close()
+    shapes = checkpoint_shapes(base_dir)
     matches = AdapterConfig("D2LORA", config.r, config.lora_alpha, config.targets).targets
     _check_matched(
         sum(

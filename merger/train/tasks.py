@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
-import tempfile
+from collections.abc import Set
 from pathlib import Path
 from typing import ClassVar
 
 from merger.archive import CONFIG_NAME
+from merger.fs import write_atomic
 from merger.train.config import TrainConfig
 
 TRAIN_SIZE = 48
@@ -85,7 +85,7 @@ class DemoTask:
         seen = {e.prompt for e in self._draw("train", TRAIN_SIZE)} if split == "eval" else set()
         return self._draw(split, count, seen)
 
-    def _draw(self, split: str, count: int, exclude: set[str] = frozenset()) -> list[TaskExample]:
+    def _draw(self, split: str, count: int, exclude: Set[str] = frozenset()) -> list[TaskExample]:
         rng = random.Random(f"{self.name}/{split}")
         drawn: dict[str, TaskExample] = {}
         while len(drawn) < count:
@@ -131,12 +131,9 @@ DEMO_TASKS: dict[str, DemoTask] = {t.name: t for t in (DateIsoTask(), ReadingQaT
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
-    """Write records one per line via a temporary file renamed into place."""
+    """Write records one per line, atomically (merger.fs)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return path
 
 

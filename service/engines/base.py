@@ -13,15 +13,15 @@ batch; `adapter_slots` says how many distinct adapters one forward can mix.
 Per-request adapters are exact on the BASE weights only: the scheduler sends
 them only while the engine holds the base (no merged model swapped in).
 
-An engine class is built as `ENGINES[name](settings)` and started with
-`await engine.start(base_dir)`.
+An engine class is named in `service.engines.ENGINE_CLASSES`, built as
+`engine_class(name)(settings)` and started with `await engine.start(base_dir)`.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -126,7 +126,7 @@ class Engine(abc.ABC):
         """Replace the named tensors in place; every tensor not named keeps its value."""
 
     @abc.abstractmethod
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         """Stream text deltas; each choice's last chunk carries its finish_reason."""
 
     @abc.abstractmethod
@@ -143,11 +143,3 @@ class Engine(abc.ABC):
         """False once the engine can serve no more (e.g. its worker process died); in-process engines live
         as long as the server does."""
         return True
-
-
-ENGINES: dict[str, type[Engine]] = {}
-
-
-def register_engine(cls: type[Engine]) -> type[Engine]:
-    ENGINES[cls.name] = cls
-    return cls

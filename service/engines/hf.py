@@ -9,25 +9,24 @@ loop stays free.  Weights are swapped by copying tensors into the parameters.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from merger.dtypes import COMPUTE_DTYPES
 from service.engines.base import (
     Engine,
     GenerationChunk,
     GenerationRequest,
     SamplingOptions,
     TensorFile,
-    register_engine,
 )
+from service.engines.context import resolve_max_model_len
 from service.engines.text import ChoiceText
 from service.engines.tokenizer import ChatTokenizer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def next_tokens(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator) -> torch.Tensor:
@@ -42,13 +41,13 @@ def next_tokens(logits: torch.Tensor, options: SamplingOptions, generator: torch
     return order.gather(-1, picked).squeeze(-1)
 
 
-@register_engine
 class TransformersEngine(Engine):
     name = "transformers"
 
     async def start(self, base_dir: Path) -> None:
+        self.max_model_len = resolve_max_model_len(self.settings, base_dir)
         self.tokenizer = ChatTokenizer(base_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=DTYPES[self.settings.dtype]).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=COMPUTE_DTYPES[self.settings.dtype]).eval()
         self.parameters = dict(self.model.named_parameters())
         self.step_lock = asyncio.Lock()
         self.aborted: set[str] = set()
@@ -70,7 +69,7 @@ class TransformersEngine(Engine):
         out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True)
         return out.logits[:, -1, :], out.past_key_values
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         self.check_adapter(request)  # this reference engine holds one set of weights and applies no adapter
         options = request.sampling
         prompt_ids = self.tokenizer.encode(request.prompt)
@@ -100,9 +99,9 @@ class TransformersEngine(Engine):
         is refused (vLLM refuses both too)."""
         if prompt_tokens == 0:
             raise ValueError("the prompt is empty")
-        room = self.settings.max_model_len - prompt_tokens
+        room = self.max_model_len - prompt_tokens
         if room < 1:
-            raise ValueError(f"the prompt has {prompt_tokens} tokens; max_model_len is {self.settings.max_model_len}")
+            raise ValueError(f"the prompt has {prompt_tokens} tokens; max_model_len is {self.max_model_len}")
         return min(max_tokens, room)
 
     def _advance(

@@ -18,7 +18,7 @@ gives its LoRA layers the row scale of D²-LoRA / DoRA, so a request naming an
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 
 from service.engines.base import (
@@ -28,8 +28,8 @@ from service.engines.base import (
     GenerationRequest,
     SamplingOptions,
     TensorFile,
-    register_engine,
 )
+from service.engines.context import resolve_max_model_len
 from service.engines.tokenizer import ChatTokenizer
 from service.engines.weights import BaseTensors
 
@@ -73,7 +73,6 @@ def lora_request(adapter: AdapterRef):
     return LoRARequest(lora_name=adapter.name, lora_int_id=adapter.id, lora_path=str(adapter.path))
 
 
-@register_engine
 class VllmEngine(Engine):
     name = "vllm"
     per_request_adapters = True
@@ -113,7 +112,7 @@ class VllmEngine(Engine):
             dtype=s.dtype,
             enforce_eager=True,
             seed=0,
-            max_model_len=s.max_model_len,
+            max_model_len=resolve_max_model_len(s, base_dir),
             max_num_seqs=s.max_num_seqs,
             gpu_memory_utilization=s.gpu_memory_utilization,
             worker_extension_cls=WORKER_EXTENSION,
@@ -154,7 +153,7 @@ class VllmEngine(Engine):
         if self.adapter_slots:
             await self.llm.remove_lora(adapter.id)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         self.check_adapter(request)
         stream = self.llm.generate(
             {"prompt": request.prompt},

@@ -28,8 +28,9 @@ import contextlib
 import dataclasses
 import itertools
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 from safetensors import safe_open
@@ -46,6 +47,11 @@ from service.engines import lora
 
 lora.install()
 
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
 Files = list[tuple[str, list[str]]]  # (safetensors path, tensor names in it)
 
 
@@ -57,8 +63,27 @@ class Destination:
     part: int
 
 
+class PackedLinear(Protocol):
+    """What PackedCpuWeights uses of a vLLM Linear (PackedCpuWeights.handles checks it)."""
+
+    weight: torch.nn.Parameter
+    quant_method: QuantizeMethodBase
+    output_size_per_partition: int
+    input_size_per_partition: int
+    params_dtype: torch.dtype
+
+
+class LoadsWeights(Protocol):
+    """A vLLM model: it loads checkpoint tensors by name."""
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]: ...
+
+
 class SwapWorkerExtension:
     """Mixed into vLLM's Worker (worker_extension_cls); `self` is the worker."""
+
+    model_runner: GPUModelRunner  # the worker's (CPUModelRunner on CPU derives from it)
+    vllm_config: VllmConfig
 
     def d2lora_packed_modules(self) -> dict[str, list[str]]:
         """The model's packed modules, e.g. {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}."""
@@ -91,7 +116,7 @@ class SwapWorkerExtension:
         with set_current_vllm_config(self.vllm_config):
             for layer in layers:
                 initialize_layerwise_reload(layer)
-            model.load_weights(_read_tensors(files))
+            cast(LoadsWeights, model).load_weights(_read_tensors(files))
             for layer in layers:
                 finalize_layerwise_reload(layer, self.vllm_config.model_config)
 
@@ -108,7 +133,8 @@ class PackedCpuWeights:
         return (
             isinstance(getattr(module, "quant_method", None), UnquantizedLinearMethod)
             and hasattr(module, "cpu_linear")
-            and module.weight.numel() == 0
+            and isinstance(weight := getattr(module, "weight", None), torch.Tensor)
+            and weight.numel() == 0
             and getattr(module, "tp_size", 1) == 1
         )
 
@@ -122,19 +148,20 @@ class PackedCpuWeights:
 
     def _repack(self, path: str, module: torch.nn.Module, parts: list[tuple[int, torch.Tensor]]) -> None:
         """Fill the module's staging weight from its parts, then let the layer pack it."""
-        offsets = _part_offsets(module)  # row offsets of the parts, len = parts + 1
+        linear = cast(PackedLinear, module)  # every module passed `handles`
+        offsets = _part_offsets(linear)  # row offsets of the parts, len = parts + 1
         if sorted(part for part, _ in parts) != list(range(len(offsets) - 1)):
             raise ValueError(f"{path}: a swap must bring all {len(offsets) - 1} parts of the module together")
-        staging = self._staging(path, module)  # (out, in)
+        staging = self._staging(path, linear)  # (out, in)
         for part, tensor in parts:
             rows = staging[offsets[part] : offsets[part + 1]]
             if rows.shape != tensor.shape:
                 raise ValueError(f"{path}: part {part} has shape {list(tensor.shape)}, expected {list(rows.shape)}")
             rows.copy_(tensor)
-        module.weight = torch.nn.Parameter(staging, requires_grad=False)
-        module.quant_method.process_weights_after_loading(module)  # packs; the Parameter is emptied again
+        linear.weight = torch.nn.Parameter(staging, requires_grad=False)
+        linear.quant_method.process_weights_after_loading(module)  # packs; the Parameter is emptied again
 
-    def _staging(self, path: str, module: torch.nn.Module) -> torch.Tensor:
+    def _staging(self, path: str, module: PackedLinear) -> torch.Tensor:
         if path not in self.staging:
             shape = (module.output_size_per_partition, module.input_size_per_partition)
             self.staging[path] = torch.empty(shape, dtype=module.params_dtype)
@@ -146,7 +173,7 @@ def _linear(module: torch.nn.Module) -> torch.nn.Module:
     return module.base_layer if isinstance(module, BaseLayerWithLoRA) else module
 
 
-def _part_offsets(module: torch.nn.Module) -> list[int]:
+def _part_offsets(module: PackedLinear) -> list[int]:
     """Row offsets of a module's parts in its (out, in) weight: [0, q, q+k, q+k+v] for qkv_proj."""
     sizes = getattr(module, "output_sizes", None) or [module.output_size_per_partition]
     return list(itertools.accumulate(sizes, initial=0))

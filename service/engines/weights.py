@@ -34,10 +34,9 @@ class BaseTensors:
     """Where each tensor of the base checkpoint is stored, and its shape."""
 
     def __init__(self, base_dir: Path):
-        reader = CheckpointReader(base_dir)
-        self.files: dict[str, Path] = {name: t.file for name, t in reader.tensors.items()}
-        self.shapes: dict[str, tuple[int, ...]] = reader.shapes()
-        reader.close()
+        with CheckpointReader(base_dir) as reader:
+            self.files: dict[str, Path] = {name: t.file for name, t in reader.tensors.items()}
+            self.shapes: dict[str, tuple[int, ...]] = reader.shapes()
 
     def layer_linear_names(self) -> list[str]:
         """Leaf names of the 2-D weights inside numbered blocks (q_proj, ..., down_proj): what adapters target.
@@ -76,5 +75,5 @@ class SwapPlanner:
     def plan(self, current: frozenset[str], weights_file: Path | None) -> list[TensorFile]:
         """TensorFiles that turn base+current into base+next."""
         following = self.names_of(weights_file)
-        files = [TensorFile(Path(weights_file), tuple(sorted(following)))] if following else []
+        files = [TensorFile(Path(weights_file), tuple(sorted(following)))] if weights_file and following else []
         return files + self.base.slices(current - following)

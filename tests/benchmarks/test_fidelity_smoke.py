@@ -9,7 +9,7 @@ from benchmarks.fidelity import REFERENCE, Workspace, build_unmerged, evaluate_t
 from benchmarks.scoring import EncodedItem, encode_item, score_batch
 from merger.probes import load_tokenizer
 from merger.train.tasks import DEMO_TASKS
-from tests.adapters import write_random_adapter
+from tests.support.adapters import write_random_adapter
 
 PROMPTS = ((5, 9, 14, 3), (7, 2), (11, 4, 8, 21, 6, 30, 12))  # token ids, different lengths on purpose
 CHOICE_TOKENS = 3

@@ -9,10 +9,7 @@ server's address, so the shipped job (path, labels) is what gets exercised.
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,16 +18,11 @@ import httpx
 import yaml
 
 from tests.deploy.stack import PROMETHEUS_CONFIG, REPO
+from tests.support.live import LiveServer, free_port
 
 START_TIMEOUT_S = 240
 SCRAPE_INTERVAL = "1s"
 ADMIN_TOKEN = "live-admin-token"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until_ready(url: str, process: subprocess.Popen, log: Path) -> None:
@@ -63,29 +55,15 @@ def running(command: list[str], ready_url: str, log: Path, env: dict[str, str] |
 
 @contextlib.contextmanager
 def serve(base_dir: Path, data_dir: Path, engine: str = "vllm", **settings: str) -> Iterator[str]:
-    """`d2lora serve` on a free port, `settings` as D2LORA_* variables; yields its URL once /ready answers."""
-    port = free_port()
-    env = os.environ | {"D2LORA_ADMIN_TOKEN": ADMIN_TOKEN, "HF_HUB_OFFLINE": "1"}
-    env |= {f"D2LORA_{name.upper()}": value for name, value in settings.items()}
-    env.pop("D2LORA_API_KEYS", None)
-    command = [
-        sys.executable,
-        "-m",
-        "merger.cli",
-        "serve",
-        "--base",
-        str(base_dir),
-        "--engine",
-        engine,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--data-dir",
-        str(data_dir),
-    ]
-    with running(command, f"http://127.0.0.1:{port}/ready", data_dir.parent / "serve.log", env):
-        yield f"http://127.0.0.1:{port}"
+    """`d2lora serve` on a free port, `settings` as D2LORA_* variables, inference open; yields its URL once ready."""
+    env = {f"D2LORA_{name.upper()}": value for name, value in settings.items()}
+    server = LiveServer(base_dir, data_dir, data_dir.parent, engine, D2LORA_ADMIN_TOKEN=ADMIN_TOKEN, D2LORA_API_KEYS="",
+                        **env)  # fmt: skip
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 def scrape_config(target: str, self_target: str) -> dict:

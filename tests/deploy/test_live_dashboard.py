@@ -19,11 +19,16 @@ import sys
 import httpx
 import pytest
 
-from tests.adapters import write_random_adapter
 from tests.deploy import live
 from tests.deploy.promql import to_promql
 from tests.deploy.stack import HEALTHCHECK_SCRIPT, REPO, dashboard_panels, load_dashboard
 from tests.prom import require_tool
+from tests.support.adapters import write_random_adapter
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.prometheus,
+]  # a live server or engine per module (tests/conftest.py: the tiers)
 
 ADAPTERS = ("live-a", "live-b")
 PROMPT = "The capital of France is"

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from merger.merge import merge
-from tests.adapters import write_random_adapter
-from tests.hardening.server import Server
-from tests.service.conftest import hf_greedy
+from tests.support.adapters import write_random_adapter
+from tests.support.live import LiveServer
+from tests.support.references import hf_greedy
 
 ADAPTERS = {
     "qv": (["q_proj", "v_proj"], 1),
@@ -55,12 +55,13 @@ def start_server(tiny_dir, tmp_path_factory):
     """Factory: start_server(**D2LORA_env) -> a started transformers-engine server; all stopped at the end."""
     servers = []
 
-    def start(data_dir: Path | None = None, **env: str) -> Server:
-        server = Server(
+    def start(data_dir: Path | None = None, **env: str) -> LiveServer:
+        server = LiveServer(
             tiny_dir,
             data_dir or tmp_path_factory.mktemp("data"),
             tmp_path_factory.mktemp("logs"),
-            **{"D2LORA_MAX_MODEL_LEN": "256", **env},
+            engine="transformers",
+            **env,  # max_model_len: the tiny model's own 256 positions (the default)
         )
         servers.append(server)
         server.start()
@@ -77,9 +78,9 @@ MAX_WAITING = 4
 
 
 @pytest.fixture(scope="session")
-def main_server(start_server, tiny_artifacts) -> Server:
+def main_server(start_server, tiny_artifacts) -> LiveServer:
     """One server most tests share: 2 running + 4 waiting at most, a 4 MiB upload cap, every adapter uploaded."""
-    from tests.service.uploading import upload_files
+    from tests.support.uploading import upload_files
 
     server = start_server(
         D2LORA_MAX_NUM_SEQS=str(MAX_NUM_SEQS),

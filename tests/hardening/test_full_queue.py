@@ -21,7 +21,9 @@ import psutil
 import pytest
 
 from tests.hardening.conftest import PROMPTS
-from tests.hardening.server import INFERENCE_HEADERS
+from tests.support.live import INFERENCE_HEADERS
+
+pytestmark = pytest.mark.slow  # a live server or engine per module (tests/conftest.py: the tiers)
 
 MAX_NUM_SEQS, MAX_WAITING = 2, 2
 HOLDERS = MAX_NUM_SEQS + MAX_WAITING
@@ -30,14 +32,13 @@ CHAT = [{"role": "user", "content": PROMPTS[0]}]
 
 @pytest.fixture(scope="module")
 def vllm_server(tiny_dir, tmp_path_factory):
-    from tests.hardening.server import Server
+    from tests.support.live import LiveServer
 
-    server = Server(
+    server = LiveServer(
         tiny_dir,
         tmp_path_factory.mktemp("full-data"),
         tmp_path_factory.mktemp("full-logs"),
         engine="vllm",
-        D2LORA_MAX_MODEL_LEN="256",
         D2LORA_KV_CACHE_GIB="1",
         D2LORA_MAX_NUM_SEQS=str(MAX_NUM_SEQS),
         D2LORA_MAX_WAITING=str(MAX_WAITING),

@@ -15,7 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.hardening.conftest import PROMPTS
-from tests.hardening.server import INFERENCE_HEADERS
+from tests.support.live import INFERENCE_HEADERS
+
+pytestmark = pytest.mark.slow  # a live server or engine per module (tests/conftest.py: the tiers)
 
 EXAMPLES = 60
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)

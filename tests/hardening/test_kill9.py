@@ -9,7 +9,6 @@ leave it serving, and it sees the restarted server's uploads.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 
@@ -18,38 +17,10 @@ import pytest
 
 from merger.archive import CONFIG_NAME
 from tests.hardening.conftest import PROMPTS
-from tests.hardening.server import INFERENCE_HEADERS
-from tests.service.uploading import adapter_records, upload_files
+from tests.support.live import INFERENCE_HEADERS
+from tests.support.uploading import adapter_records, swapping, trickled_upload, upload_files
 
-BOUNDARY = "hardeningboundary"
-
-
-def trickled_upload(server, name: str, config: bytes, stop: threading.Event) -> None:
-    """An upload whose body keeps coming until `stop` (or the server dies)."""
-
-    def body():
-        yield (
-            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="name"\r\n\r\n{name}\r\n'
-            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="config"; filename="c.json"\r\n\r\n'
-        ).encode()
-        yield config
-        yield (f'\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name="weights"; filename="w"\r\n\r\n').encode()
-        while not stop.wait(0.05):
-            yield b"\0" * 1024
-
-    headers = {**server.admin_headers(), "Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
-    with contextlib.suppress(httpx.HTTPError):
-        httpx.post(f"{server.url}/adapters", content=body(), headers=headers, timeout=60)
-
-
-def swapping(server, stop: threading.Event) -> None:
-    """Requests alternating between two adapters, so the engine swaps all the time."""
-    while not stop.is_set():
-        for model in ("qv", "o"):
-            try:
-                server.complete(model, PROMPTS[0], 4, timeout=10)
-            except httpx.HTTPError:
-                return
+pytestmark = pytest.mark.slow  # a live server or engine per module (tests/conftest.py: the tiers)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +33,7 @@ def crashed(start_server, tiny_artifacts):
     config = (tiny_artifacts["qv"] / CONFIG_NAME).read_bytes()
     workers = [
         threading.Thread(target=trickled_upload, args=(server, "trickle", config, stop)),
-        threading.Thread(target=swapping, args=(server, stop)),
+        threading.Thread(target=swapping, args=(server, ("qv", "o"), PROMPTS[0], stop)),
     ]
     for worker in workers:
         worker.start()

@@ -7,9 +7,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
 from tests.hardening.conftest import MAX_NUM_SEQS, MAX_WAITING, PROMPTS
-from tests.hardening.server import INFERENCE_HEADERS
+from tests.support.live import INFERENCE_HEADERS
+
+pytestmark = pytest.mark.slow  # a live server or engine per module (tests/conftest.py: the tiers)
 
 BURST = 20
 

@@ -8,9 +8,12 @@ DELETE is left out: the other tests use the adapters.
 
 from __future__ import annotations
 
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
+
+pytestmark = pytest.mark.slow  # a live server or engine per module (tests/conftest.py: the tiers)
 
 FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 

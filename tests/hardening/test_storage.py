@@ -13,11 +13,15 @@ import subprocess
 import pytest
 
 from tests.hardening.conftest import PROMPTS
-from tests.service.uploading import upload_files
+from tests.support.uploading import upload_files
 
 TMPFS_SIZE = "64m"
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs data dir needs root")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs data dir needs root"),
+]
 
 
 def mount(*args: str) -> None:

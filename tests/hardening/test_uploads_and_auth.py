@@ -12,11 +12,12 @@ import httpx
 import pytest
 
 from tests.hardening.conftest import UPLOAD_CAP_BYTES
-from tests.hardening.hostile import BAD_NAMES, hostile_archives
-from tests.hardening.server import INFERENCE_HEADERS
 from tests.hardening.test_hostile_bodies import assert_sane
-from tests.service.live import API_KEY
-from tests.service.uploading import adapter_records, post_adapter, upload_files
+from tests.support.hostile import BAD_NAMES, hostile_archives
+from tests.support.live import API_KEY, INFERENCE_HEADERS
+from tests.support.uploading import adapter_records, post_adapter, upload_files
+
+pytestmark = pytest.mark.slow  # a live server or engine per module (tests/conftest.py: the tiers)
 
 
 @pytest.fixture(scope="module")

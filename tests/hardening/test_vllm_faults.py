@@ -14,22 +14,22 @@ import time
 import pytest
 
 from tests.hardening.conftest import PROMPTS
-from tests.hardening.test_kill9 import swapping
-from tests.service.uploading import upload_files
+from tests.support.uploading import swapping, upload_files
+
+pytestmark = pytest.mark.slow  # a live server or engine per module (tests/conftest.py: the tiers)
 
 EXIT_TIMEOUT_S = 90
 
 
 @pytest.fixture(scope="module")
 def vllm_server(tiny_dir, tiny_artifacts, tmp_path_factory):
-    from tests.hardening.server import Server
+    from tests.support.live import LiveServer
 
-    server = Server(
+    server = LiveServer(
         tiny_dir,
         tmp_path_factory.mktemp("vllm-data"),
         tmp_path_factory.mktemp("vllm-logs"),
         engine="vllm",
-        D2LORA_MAX_MODEL_LEN="256",
         D2LORA_KV_CACHE_GIB="1",
         D2LORA_TIME_SLICE_S="0.05",
     )
@@ -42,7 +42,7 @@ def vllm_server(tiny_dir, tiny_artifacts, tmp_path_factory):
 
 def test_kill9_during_swaps_then_every_adapter_serves_its_references(vllm_server, tiny_references):
     stop = threading.Event()
-    traffic = threading.Thread(target=swapping, args=(vllm_server, stop))
+    traffic = threading.Thread(target=swapping, args=(vllm_server, ("qv", "o"), PROMPTS[0], stop))
     traffic.start()
     time.sleep(2.0)
     vllm_server.kill()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.adapters import write_random_adapter
+from tests.support.adapters import write_random_adapter
 
 
 @pytest.fixture(scope="session")

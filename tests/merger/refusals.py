@@ -9,8 +9,8 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-from merger.cli import main
-from merger.merge import TMP_MARKER
+from merger.fs import TMP_MARKER
+from service.cli import main
 
 
 def run_merge(capsys, base: Path, adapter: Path, out: Path, *extra: str) -> tuple[int, str]:

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from merger.cli import main
-from merger.merge import TMP_MARKER
+from merger.fs import TMP_MARKER
+from service.cli import main
 from tests.merger.refusals import PickleTrap, assert_refused, run_merge
 
 Q_PROJ = "base_model.model.model.layers.0.self_attn.q_proj"
@@ -284,7 +284,7 @@ def test_real_cli_process_prints_one_line(llama, tmp_path):
         [
             sys.executable,
             "-m",
-            "merger.cli",
+            "service.cli",
             "merge",
             "--base",
             str(llama),

@@ -13,10 +13,11 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from merger.cli import main
-from merger.merge import TMP_MARKER, merge
-from tests.adapters import write_random_adapter
+from merger.fs import TMP_MARKER
+from merger.merge import merge
+from service.cli import main
 from tests.merger.reference import load_base_state
+from tests.support.adapters import write_random_adapter
 
 CASES = {
     "llama-d2lora": ("llama", "D2LORA", {}),

@@ -14,8 +14,8 @@ from merger.artifact import Adapter
 from merger.checkpoint import CheckpointReader
 from merger.formula import FusionError, lora_scaling
 from merger.kinds import ADAPTER_KINDS, ModuleAdapter
-from tests.adapters import write_random_adapter
 from tests.merger.reference import reference_fuse
+from tests.support.adapters import write_random_adapter
 
 MODULE = "model.layers.3.self_attn.q_proj"
 OUT, IN, R = 24, 16, 4

@@ -14,10 +14,10 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from merger.cli import main
 from merger.merge import PROVENANCE_NAME, merge
-from tests.adapters import write_random_adapter
+from service.cli import main
 from tests.merger.reference import load_base_state, reference_weights
+from tests.support.adapters import write_random_adapter
 
 ARCHS = ["llama", "qwen2", "gpt2"]
 SHARD = "100KB"

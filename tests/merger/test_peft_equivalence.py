@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from merger.merge import merge
 from tests.merger.reference import load_base_state
-from tests.tiny import TARGETS
+from tests.support.tiny import TARGETS
 
 CASES = {
     "llama-lora": ("llama", {}),

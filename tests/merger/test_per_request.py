@@ -14,7 +14,7 @@ from merger.config import AdapterConfig
 from merger.formula import lora_scaling
 from merger.merge import merge
 from merger.per_request import PROVENANCE_NAME, ROW_SCALE_NAME, read_row_scales, write_per_request_form
-from tests.adapters import write_random_adapter
+from tests.support.adapters import write_random_adapter
 
 PREFIX = "base_model.model."
 # case -> (architecture, kind, extra adapter_config fields)

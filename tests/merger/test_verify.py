@@ -11,14 +11,14 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from merger.artifact import Adapter
-from merger.cli import main
 from merger.demo import build_demo_model
 from merger.merge import merge
 from merger.report import ThresholdError, Thresholds
 from merger.unmerged import UnmergedLinear, load_unmerged, model_shapes
 from merger.verify import verify
+from service.cli import main
 from service.settings import get_settings
-from tests.adapters import write_random_adapter
+from tests.support.adapters import write_random_adapter
 
 KINDS = ("D2LORA", "LORA", "DORA")
 PROBE_IDS = torch.tensor([[5, 17, 40, 99, 200, 3, 8, 61], [12, 7, 250, 31, 9, 77, 140, 2]])  # (batch, seq)
@@ -94,7 +94,7 @@ def test_recomputed_row_scale_gives_the_cached_outputs(tiny_base, adapter_dir, k
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])  # bf16: + dtype floor
 def test_verify_passes_on_a_faithful_merge(tiny_base, adapter_dir, arch, dtype):
     report = verify(tiny_base(arch), adapter_dir(arch, "D2LORA"), dtype=dtype)
     assert report.passed, report.summary()
@@ -104,6 +104,7 @@ def test_verify_passes_on_a_faithful_merge(tiny_base, adapter_dir, arch, dtype):
         assert report.logits.greedy_agreement == 1.0 and report.logits.relative_logit_error <= 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_verify_passes_on_the_demo_model(demo_base, demo_adapter, dtype):
     report = verify(demo_base, demo_adapter, dtype=dtype)

@@ -11,14 +11,13 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from merger.demo import build_demo_model
 from merger.merge import merge
 from service.merging import keep_fused_tensors
 from service.settings import Settings
-from tests.adapters import write_random_adapter
+from tests.support.adapters import write_random_adapter
+from tests.support.references import hf_greedy
 
 # name -> (target modules, seed): different target sets, so a swap must put tensors back to the base
 ADAPTERS = {
@@ -79,18 +78,6 @@ def adapters(demo_dir, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     return {name: fused_adapter(demo_dir, root, name, targets, seed) for name, (targets, seed) in ADAPTERS.items()}
 
 
-def hf_greedy(model_dir: Path, prompts: tuple[str, ...], max_tokens: int) -> list[str]:
-    """transformers' own greedy completion of each prompt, fp32."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    answers = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]  # (1, t)
-        out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False)  # (1, t + new)
-        answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
-    return answers
-
-
 @pytest.fixture(scope="session")
 def references(demo_dir, adapters) -> dict[str, list[str]]:
     """model name -> transformers greedy answers to PROMPTS on the merger's merged checkpoint (or the base)."""
@@ -114,10 +101,12 @@ def engine_settings(engine: str, **overrides) -> Settings:
 
 
 def _start_scheduler(event_loop_thread, demo_dir, adapters, engine: str):
-    from service.scheduler import Scheduler
+    from service.engines import engine_factory
+    from service.scheduling.scheduler import Scheduler
 
     async def start():
-        scheduler = await Scheduler.create(engine_settings(engine), demo_dir)
+        settings = engine_settings(engine)
+        scheduler = await Scheduler.create(settings, demo_dir, engine_factory(settings))
         for name, (_, fused) in adapters.items():
             await scheduler.add_model(name, fused)
         return scheduler
@@ -153,7 +142,7 @@ UPLOAD_CAP_BYTES = 32 << 20
 
 @pytest.fixture(scope="session")
 def live_server(demo_dir, tmp_path_factory):
-    from tests.service.live import LiveServer
+    from tests.support.live import LiveServer
 
     server = LiveServer(
         demo_dir,
@@ -175,7 +164,7 @@ def artifacts(adapters) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def uploaded(live_server, artifacts, tmp_path_factory) -> dict[str, dict]:
     """Every adapter of ADAPTERS uploaded to the live server (one as a .tar.gz archive): name -> record."""
-    from tests.service.uploading import upload_archive, upload_files
+    from tests.support.uploading import upload_archive, upload_files
 
     archive_dir = tmp_path_factory.mktemp("archives")
     records = {}

@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save
 from merger.archive import CONFIG_NAME, WEIGHTS_NAME
 from merger.checkpoint import read_header
 from tests.service.conftest import MAX_TOKENS, PROMPTS, UPLOAD_CAP_BYTES
-from tests.service.live import API_KEY
-from tests.service.uploading import adapter_records, post_adapter, upload_files, wait_for_status
+from tests.support.live import API_KEY
+from tests.support.uploading import adapter_records, post_adapter, upload_files, wait_for_status
 
 
 def test_upload_answers_the_ready_record(uploaded, live_server):

@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from tests.service.conftest import ADAPTERS, MAX_TOKENS, PROMPTS
-from tests.service.live import API_KEY
+from tests.support.live import API_KEY
 
 CHAT = [{"role": "user", "content": "Name a colour."}]
 

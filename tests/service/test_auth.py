@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from tests.service.live import API_KEY
+from tests.support.live import API_KEY
 
 
 def test_the_generated_admin_token_is_private_and_never_logged(live_server):

@@ -10,6 +10,8 @@ import pytest
 from service.engines.base import GenerationRequest, SamplingOptions
 from tests.service.conftest import MAX_TOKENS, PROMPTS
 
+pytestmark = pytest.mark.slow  # a live server or engine per module (tests/conftest.py: the tiers)
+
 
 def request(prompt: str, **sampling) -> GenerationRequest:
     options = SamplingOptions(**{"max_tokens": MAX_TOKENS, "temperature": 0.0, **sampling})

@@ -11,7 +11,7 @@ import pytest
 
 from tests.prom import require_tool
 from tests.service.conftest import MAX_TOKENS, PROMPTS
-from tests.service.live import API_KEY, free_port
+from tests.support.live import API_KEY, free_port
 
 SCRAPE_CONFIG = """\
 global:

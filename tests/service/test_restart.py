@@ -6,8 +6,8 @@ import openai
 import pytest
 
 from tests.service.conftest import ADAPTERS, MAX_TOKENS, PROMPTS
-from tests.service.live import API_KEY
-from tests.service.uploading import adapter_records, upload_files
+from tests.support.live import API_KEY
+from tests.support.uploading import adapter_records, upload_files
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,11 @@ import time
 import pytest
 
 from service import metrics
-from service.scheduler import QueueFullError, UnknownModelError
+from service.scheduling.errors import QueueFullError, UnknownModelError
 from tests.service.conftest import PROMPTS
 from tests.service.test_engines import complete, request
+
+pytestmark = pytest.mark.slow  # a live server or engine per module (tests/conftest.py: the tiers)
 
 
 def gauge(g) -> float:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny import make_tiny_checkpoint
+from tests.support.tiny import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from merger.cli import main
 from merger.train.data import IGNORE_INDEX, load_examples
+from service.cli import main
 
 GOOD = b'{"prompt": "Question: what is two plus two? Answer:", "completion": " four."}\n'
 TOO_LONG_LINE = b'{"prompt": "' + b"a" * (1 << 20) + b'", "completion": " b"}\n'

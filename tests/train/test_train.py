@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from merger.artifact import Adapter
-from merger.cli import main
 from merger.merge import merge
 from merger.train.config import TrainConfig
 from merger.train.loop import LOG_NAME, train
+from service.cli import main
 
 PAIRS = [
     ("Question: what is two plus two? Answer:", " four."),
@@ -31,6 +31,9 @@ def greedy(model_dir: Path, prompt: str) -> str:
     ids = tokenizer(prompt, return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+pytestmark = pytest.mark.slow  # trains a tiny model for the module
 
 
 @pytest.fixture(scope="module")

@@ -41,33 +41,16 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 
-from merger.errors import D2LoraError
 from service import metrics
-from service.engines import hf, vllm  # noqa: F401  (registers the engines in ENGINES)
-from service.engines.base import ENGINES, Engine, GenerationChunk, GenerationRequest
+from service.engines.base import Engine, GenerationChunk, GenerationRequest
 from service.engines.weights import BaseTensors, SwapPlanner
+from service.scheduling.errors import InvalidRequestError, QueueFullError, UnknownModelError
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-
-class QueueFullError(Exception):
-    """Too many requests are waiting; the HTTP layer answers 429 with Retry-After."""
-
-    def __init__(self, waiting: int, retry_after_s: int):
-        super().__init__(f"{waiting} requests are already waiting; retry in {retry_after_s} s")
-        self.retry_after_s = retry_after_s
-
-
-class UnknownModelError(D2LoraError):
-    """A model name the scheduler was never given (or that was removed)."""
-
-
-class InvalidRequestError(D2LoraError):
-    """The engine refused the request (e.g. prompt longer than max_model_len)."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -98,11 +81,11 @@ class Slot:
 
 
 class Scheduler:
-    def __init__(self, settings: Settings, base_dir: Path, engine_factory: Callable[[], Engine] | None = None):
+    def __init__(self, settings: Settings, base_dir: Path, engine_factory: Callable[[], Engine]):
         self.settings = settings
         self.base_dir = Path(base_dir)
         self.base_name = self.base_dir.resolve().name
-        self.engine_factory = engine_factory or (lambda: ENGINES[settings.engine](settings))
+        self.engine_factory = engine_factory
         self.planner = SwapPlanner(BaseTensors(self.base_dir))
         self.models: dict[str, Path | None] = {self.base_name: None}  # name -> fused tensors file
         self.queues: dict[str, deque[Ticket]] = {}
@@ -111,9 +94,7 @@ class Scheduler:
         self._loop_task: asyncio.Task | None = None
 
     @classmethod
-    async def create(
-        cls, settings: Settings, base_dir: Path, engine_factory: Callable[[], Engine] | None = None
-    ) -> Scheduler:
+    async def create(cls, settings: Settings, base_dir: Path, engine_factory: Callable[[], Engine]) -> Scheduler:
         scheduler = cls(settings, base_dir, engine_factory)
         await scheduler.start()
         return scheduler
@@ -162,7 +143,7 @@ class Scheduler:
 
     # requests -----------------------------------------------------------------------------------------
 
-    async def generate(self, model: str, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def generate(self, model: str, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         """Chunks of `request`, served wholly by `model`'s weights."""
         ticket = self._enqueue(model)
         slot = await self._admission(ticket)
@@ -241,10 +222,10 @@ class Scheduler:
         for slot in self.slots:
             if slot.draining and slot.running == 0:
                 await self._swap(slot)
-        while (model := self._oldest_unserved()) is not None and (slot := self._free_slot(now)) is not None:
-            slot.next_model = model
-            if slot.running == 0:
-                await self._swap(slot)
+        while (model := self._oldest_unserved()) is not None and (free := self._free_slot(now)) is not None:
+            free.next_model = model
+            if free.running == 0:
+                await self._swap(free)
 
     def _admit(self, slot: Slot, now: float) -> None:
         """Admit queued requests whose model's weights this slot holds, up to max_num_seqs running.

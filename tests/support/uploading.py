@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -59,3 +61,34 @@ def wait_for_status(server, name: str, statuses: set[str], timeout_s: float = UP
             return record
         time.sleep(1)
     raise AssertionError(f"adapter {name} did not reach {statuses} in {timeout_s} s (last: {record})")
+
+
+BOUNDARY = "trickledboundary"
+
+
+def trickled_upload(server, name: str, config: bytes, stop: threading.Event) -> None:
+    """An upload whose body keeps coming until `stop` (or the server dies)."""
+
+    def body():
+        yield (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="name"\r\n\r\n{name}\r\n'
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="config"; filename="c.json"\r\n\r\n'
+        ).encode()
+        yield config
+        yield (f'\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name="weights"; filename="w"\r\n\r\n').encode()
+        while not stop.wait(0.05):
+            yield b"\0" * 1024
+
+    headers = {**server.admin_headers(), "Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+    with contextlib.suppress(httpx.HTTPError):
+        httpx.post(f"{server.url}/adapters", content=body(), headers=headers, timeout=60)
+
+
+def swapping(server, models: tuple[str, ...], prompt: str, stop: threading.Event) -> None:
+    """Requests cycling over `models` until `stop`, so the engine swaps all the time."""
+    while not stop.is_set():
+        for model in models:
+            try:
+                server.complete(model, prompt, 4, timeout=10)
+            except httpx.HTTPError:
+                return

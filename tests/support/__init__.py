@@ -1,0 +1,1 @@
+"""What the tests and the benchmarks share: a live server, adapter builders, tiny models, hostile inputs."""
