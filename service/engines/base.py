@@ -103,8 +103,10 @@ class Engine(abc.ABC):
 
     @property
     def adapter_slots(self) -> int:
-        """How many distinct per-request adapters one forward pass can mix; 0 when the engine applies none."""
-        return self.settings.max_loras if self.per_request_adapters else 0
+        """How many distinct per-request adapters one forward pass can mix; 0 when the engine applies none
+        (or when D2LORA_SCHEDULER_MODE=merged, which never batches adapters)."""
+        batching = self.per_request_adapters and self.settings.scheduler_mode != "merged"
+        return self.settings.max_loras if batching else 0
 
     def check_adapter(self, request: GenerationRequest) -> None:
         """Refuse a per-request adapter this engine cannot apply (it would otherwise serve other weights)."""
