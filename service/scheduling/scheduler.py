@@ -125,22 +125,39 @@ class Scheduler:
 
     # models -------------------------------------------------------------------------------------------
 
-    async def add_model(self, name: str, tensors_file: Path, adapter_dir: Path | None = None) -> None:
-        """Serve `name` from a fused tensors file and, when given, its per-request form (replacing older ones)."""
+    async def add_model(self, name: str, tensors_file: Path, form_dir: Path | None = None) -> None:
+        """Serve `name` from a fused tensors file and, when given, its per-request form (replacing older ones).
+
+        A form the engines cannot apply (a rank above D2LORA_MAX_LORA_RANK, a broken folder) is logged and
+        left out: the model is then served with its merged weights only.
+        """
         self.planner.names_of(tensors_file)  # a file that does not fit the base fails here, not at swap time
-        adapter = (
-            None if adapter_dir is None else AdapterRef(name, self._adapter_id(Path(adapter_dir)), Path(adapter_dir))
-        )
+        adapter = None if form_dir is None or not self.batching else await self._checked_form(name, Path(form_dir))
         self.models[name] = ServedModel(name, Path(tensors_file), adapter)
         self._wake.set()
+
+    @property
+    def batching(self) -> bool:
+        """Whether the engines apply per-request adapters (the policy may then batch adapters together)."""
+        return bool(self.slots) and all(slot.engine.adapter_slots > 0 for slot in self.slots)
+
+    async def _checked_form(self, name: str, folder: Path) -> AdapterRef | None:
+        adapter = AdapterRef(name, self._adapter_id(folder), folder)
+        try:
+            for slot in self.slots:
+                await slot.engine.add_adapter(adapter)
+        except ValueError as err:
+            logger.warning("adapter %s: served with merged weights only (%s)", name, err)
+            return None
+        return adapter
 
     def _adapter_id(self, folder: Path) -> int:
         return self.adapter_ids.setdefault(folder, len(self.adapter_ids) + 1)
 
-    def serves(self, name: str, tensors_file: Path, adapter_dir: Path | None = None) -> bool:
+    def serves(self, name: str, tensors_file: Path) -> bool:
+        """Whether `name` is served from this fused tensors file (a newer version has another)."""
         model = self.models.get(name)
-        adapter = None if model is None or model.adapter is None else model.adapter.path
-        return model is not None and model.fused == Path(tensors_file) and adapter == adapter_dir
+        return model is not None and model.fused == Path(tensors_file)
 
     async def remove_model(self, name: str) -> None:
         """Stop serving `name`: its queued requests fail, running ones finish."""
