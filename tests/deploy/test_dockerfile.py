@@ -123,3 +123,11 @@ def test_healthcheck_fails_when_nothing_answers():
 
 def test_entrypoint_is_valid_posix_shell():
     assert subprocess.run(["sh", "-n", str(ENTRYPOINT_SCRIPT)]).returncode == 0
+
+
+def test_healthcheck_defaults_to_the_port_the_service_defaults_to_and_imports_nothing_heavy():
+    from service.settings import Settings
+
+    text = HEALTHCHECK_SCRIPT.read_text()
+    assert f"DEFAULT_PORT = {Settings.model_fields['port'].default}\n" in text
+    assert "from service" not in text and "import service" not in text, "the settings module imports torch: too slow"
