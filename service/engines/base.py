@@ -121,6 +121,11 @@ class Engine(abc.ABC):
         """Drop a cached per-request form (an adapter deleted or replaced)."""
         raise ValueError(f"the {self.name} engine does not apply per-request adapters ({adapter.name})")
 
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of the engine's paged KV cache in use; 0.0 for an engine without one (transformers)."""
+        return 0.0
+
     @abc.abstractmethod
     async def start(self, base_dir: Path) -> None: ...
 
