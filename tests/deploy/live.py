@@ -9,7 +9,6 @@ server's address, so the shipped job (path, labels) is what gets exercised.
 from __future__ import annotations
 
 import contextlib
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,65 +16,11 @@ from pathlib import Path
 import httpx
 import yaml
 
-from tests.deploy.stack import PROMETHEUS_CONFIG, REPO
-from tests.support.live import LiveServer, free_port
+from tests.deploy.stack import PROMETHEUS_CONFIG
+from tests.support.live import free_port
+from tests.support.processes import running
 
-START_TIMEOUT_S = 240
 SCRAPE_INTERVAL = "1s"
-ADMIN_TOKEN = "live-admin-token"
-
-
-def wait_until_ready(url: str, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} not ready after {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
-
-
-@contextlib.contextmanager
-def running(
-    command: list[str], ready_url: str, log: Path, env: dict[str, str] | None = None
-) -> Iterator[subprocess.Popen]:
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-    try:
-        wait_until_ready(ready_url, process, log)
-        yield process
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-@contextlib.contextmanager
-def serve(base_dir: Path, data_dir: Path, engine: str = "vllm", **settings: str) -> Iterator[str]:
-    """`d2lora serve` on a free port, `settings` as D2LORA_* variables, inference open; yields its URL once ready."""
-    with serve_process(base_dir, data_dir, data_dir.parent, engine, **settings) as server:
-        yield server.url
-
-
-@contextlib.contextmanager
-def serve_process(
-    base_dir: Path, data_dir: Path, log_dir: Path, engine: str = "vllm", **settings: str
-) -> Iterator[LiveServer]:
-    """As `serve`, logging into `log_dir`; yields the LiveServer (which a test may kill)."""
-    env = {f"D2LORA_{name.upper()}": value for name, value in settings.items()}
-    log_dir.mkdir(parents=True, exist_ok=True)
-    server = LiveServer(base_dir, data_dir, log_dir, engine, D2LORA_ADMIN_TOKEN=ADMIN_TOKEN, D2LORA_API_KEYS="",
-                        **env)  # fmt: skip
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def scrape_config(targets: dict[str, str]) -> dict:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.deploy.live import free_port
 from tests.deploy.stack import DOCKERFILE, REPO
+from tests.support.live import free_port
 
 BASE_IMAGE = "localhost/d2lora-base:bookworm"
 BASE_IMAGE_SCRIPT = REPO / "docker" / "base-image.sh"

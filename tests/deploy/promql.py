@@ -24,15 +24,12 @@ SPEC_METRICS = {
     "d2lora_merges_total": "counter",
     "d2lora_equivalence_max_abs_logit_diff": "gauge",
     "d2lora_resident_models": "gauge",
+    "d2lora_forwards_total": "counter",
+    "d2lora_adapters_per_forward": "histogram",
     "vllm:num_requests_waiting": "gauge",  # vLLM's names, for inference gateways (SPEC §5, last paragraph)
     "vllm:num_requests_running": "gauge",
     "vllm:kv_cache_usage_perc": "gauge",
     "vllm:lora_requests_info": "gauge",
-}
-# Registered by the service beyond SPEC §5 (the scheduler's per-forward counters, service/metrics.py).
-SERVICE_EXTRA_METRICS = {
-    "d2lora_forwards_total": "counter",
-    "d2lora_adapters_per_forward": "histogram",
 }
 # HAProxy's own exporter (docker/haproxy.cfg), the names the dashboard reads; tests/deploy/test_haproxy.py
 # checks a real HAProxy 2.6 serves each of them.

@@ -11,7 +11,6 @@ import yaml
 
 from tests.deploy.promql import (
     HAPROXY_METRICS,
-    SERVICE_EXTRA_METRICS,
     SPEC_METRICS,
     metric_names,
     series_names,
@@ -27,7 +26,7 @@ from tests.deploy.stack import (
     load_dashboard,
     read_env_file,
 )
-from tests.tools import require_tool
+from tests.support.tools import require_tool
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +52,11 @@ def service_metrics() -> dict[str, str]:
 
 
 def test_the_service_registers_exactly_the_spec_metrics_and_its_listed_extras():
-    assert service_metrics() == SPEC_METRICS | SERVICE_EXTRA_METRICS
+    assert service_metrics() == SPEC_METRICS
 
 
 def test_every_expression_names_only_spec_or_haproxy_metrics(dashboard):
-    allowed = series_names(SPEC_METRICS | SERVICE_EXTRA_METRICS | HAPROXY_METRICS)
+    allowed = series_names(SPEC_METRICS | HAPROXY_METRICS)
     for expr in dashboard_expressions(dashboard):
         names = metric_names(expr)
         assert names, f"no metric found in {expr!r}"

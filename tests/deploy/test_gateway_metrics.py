@@ -15,9 +15,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.deploy import live
-from tests.deploy.replicas import send
+from tests.support import live
 from tests.support.adapters import write_random_adapter
+from tests.support.replicas import send
 
 pytestmark = pytest.mark.slow
 

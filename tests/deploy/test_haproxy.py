@@ -14,11 +14,11 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.deploy import replicas as rp
-from tests.deploy.live import free_port
 from tests.deploy.promql import HAPROXY_METRICS
 from tests.deploy.stack import ENV_EXAMPLE, PROMETHEUS_CONFIG, SERVICE_NAMES, load_compose, read_env_file
-from tests.tools import require_tool
+from tests.support import replicas as rp
+from tests.support.live import free_port
+from tests.support.tools import require_tool
 
 CONFIG_IN_IMAGE = "/usr/local/etc/haproxy/haproxy.cfg"  # where the haproxy image reads its config
 ONE_MIB = 1 << 20

@@ -22,10 +22,11 @@ import pytest
 
 from tests.deploy import live
 from tests.deploy.promql import to_promql
-from tests.deploy.replicas import haproxy
 from tests.deploy.stack import HEALTHCHECK_SCRIPT, REPO, dashboard_panels, load_dashboard
 from tests.support.adapters import write_random_adapter
-from tests.tools import require_tool
+from tests.support.live import ADMIN_TOKEN, serve
+from tests.support.replicas import haproxy
+from tests.support.tools import require_tool
 
 pytestmark = [
     pytest.mark.slow,
@@ -56,7 +57,7 @@ def upload(client: httpx.Client, base_dir, name: str, seed: int, work_dir) -> No
         "/adapters",
         data={"name": name},
         files=files,
-        headers={"Authorization": f"Bearer {live.ADMIN_TOKEN}"},
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
         timeout=300,
     )
     assert response.status_code == 201, response.text
@@ -84,7 +85,7 @@ def stack(tiny_base, tmp_path_factory):
     work = tmp_path_factory.mktemp("live-dashboard")
     base_dir = tiny_base("llama")
     with (
-        live.serve(base_dir, work / "data", engine="transformers", **TINY_SERVER) as server_url,
+        serve(base_dir, work / "data", engine="transformers", **TINY_SERVER) as server_url,
         haproxy(haproxy_binary, [server_url.removeprefix("http://")], work) as (proxy, _),
         live.prometheus(binary, scrape_targets(server_url, proxy), work) as prom_url,
         httpx.Client(base_url=proxy.url, timeout=120) as client,

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from tests.deploy.stack import ENV_EXAMPLE, PROMETHEUS_CONFIG, SERVICE_NAMES, load_compose, read_env_file
-from tests.tools import require_tool
+from tests.support.tools import require_tool
 
 METRICS_PATH = "/metrics"  # SPEC §4: GET /metrics
 

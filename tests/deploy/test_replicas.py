@@ -25,10 +25,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from merger.merge import merge
-from tests.deploy import live
-from tests.deploy import replicas as rp
+from tests.support import live
+from tests.support import replicas as rp
 from tests.support.adapters import write_random_adapter
-from tests.tools import require_tool
+from tests.support.tools import require_tool
 
 pytestmark = pytest.mark.slow
 

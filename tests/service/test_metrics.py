@@ -11,7 +11,7 @@ import pytest
 
 from tests.service.conftest import MAX_TOKENS, PROMPTS
 from tests.support.live import API_KEY, free_port
-from tests.tools import require_tool
+from tests.support.tools import require_tool
 
 SCRAPE_CONFIG = """\
 global:

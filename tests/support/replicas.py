@@ -21,8 +21,8 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.replica import REPLICA_HEADER, RESIDENT_HEADER
-from tests.deploy.live import free_port, running
-from tests.deploy.stack import REPO
+from tests.support.live import free_port
+from tests.support.processes import REPO, running
 
 HAPROXY_CONFIG = REPO / "docker" / "haproxy.cfg"
 _SERVER_TEMPLATE = re.compile(r"^\s*server-template .*$", re.MULTILINE)

@@ -4,7 +4,7 @@ No system install: `apt-get download` fetches a tool's package, plus the package
 libraries it needs that a minimal Debian lacks, and `dpkg-deb -x` unpacks them all under
 `<cache_dir>/tools/<package>`.  A tool with such libraries gets a wrapper script beside it,
 `<folder>/bin/<tool>`, that points the loader at them and `exec`s the binary (so its pid is the
-tool's).  `make install` runs this file once (`python tests/tools.py`, after `apt-get update`);
+tool's).  `make install` runs this file once (`python tests/support/tools.py`, after `apt-get update`);
 tests call `require_tool`, which finds a tool on PATH or in the cache, unpacks it when apt-get can,
 and otherwise skips with the command that would fetch it.
 """
@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-FETCH_HINT = "apt-get update && python tests/tools.py  (make install does this)"
+FETCH_HINT = "apt-get update && python tests/support/tools.py  (make install does this)"
 
 
 class ToolUnavailable(RuntimeError):
@@ -137,12 +137,12 @@ def main() -> int:
         try:
             folder = install(package)
         except ToolUnavailable as err:
-            print(f"tests/tools.py: error: {package.name}: {err}; try: {FETCH_HINT}", file=sys.stderr)
+            print(f"tests/support/tools.py: error: {package.name}: {err}; try: {FETCH_HINT}", file=sys.stderr)
             return 1
         print(folder)
     return 0
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `service` when run as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, when run as a script
     sys.exit(main())
