@@ -108,6 +108,11 @@ class Engine(abc.ABC):
         batching = self.per_request_adapters and self.settings.scheduler_mode != "merged"
         return self.settings.max_loras if batching else 0
 
+    def _notify_step(self, adapters: int) -> None:
+        """Tell the scheduler a forward ran, carrying `adapters` distinct per-request adapters."""
+        if self.step_observer is not None:
+            self.step_observer(adapters)
+
     def check_adapter(self, request: GenerationRequest) -> None:
         """Refuse a per-request adapter this engine cannot apply (it would otherwise serve other weights)."""
         if request.adapter is not None and not self.adapter_slots:

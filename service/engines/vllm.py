@@ -129,10 +129,6 @@ class VllmEngine(Engine):
         """vLLM's own figure, from the SchedulerStats of its latest step (service/engines/vllm_stats.py)."""
         return self.stats.kv_cache_usage
 
-    def _notify_step(self, adapters: int) -> None:
-        if self.step_observer is not None:
-            self.step_observer(adapters)
-
     def _lora_args(self) -> dict:
         s = self.settings
         if not self.adapter_slots:
