@@ -298,7 +298,7 @@ class StreamedModel:
         return out[0] if isinstance(out, tuple) else out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits of final hidden states, by the model's own norm and head.  (positions, hidden) -> (positions, V)
+        """Float32 logits of last hidden states (the model's own norm and head).  (positions, hidden) -> (positions, V)
 
         The model runs on dummy tokens with its decoder stack bypassed: the last layer returns `hidden`.
         """
