@@ -22,7 +22,10 @@ the tensors of the module running now plus the activations, whatever the number 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,6 +47,24 @@ HEAD_BLOCK_BYTES = 16 << 20  # the head's weight is multiplied a block of rows o
 
 class StreamError(D2LoraError):
     """The checkpoint cannot be streamed through its transformers model (missing tensors, other shapes)."""
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    library = ctypes.CDLL(name) if name else None
+    return getattr(library, "malloc_trim", None)
+
+
+def give_back_free_memory() -> None:
+    """Return the allocator's free pages to the system (glibc; elsewhere nothing).
+
+    A KV cache grows by concatenation at every layer of every step, and the freed smaller copies
+    fragment the heap: at 40 layers that held ~100 MiB more than the live tensors.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class TensorPool:
@@ -68,6 +89,10 @@ class TensorPool:
         mapped = self._maps.get((stored.file, stored.offset))
         if mapped is not None:
             mapped.drop_pages()
+
+    def unmap(self, stored: StoredTensor) -> None:
+        """Forget one mapping (unmapped once its views are gone): the vocabulary's, as soon as it was used."""
+        self._maps.pop((stored.file, stored.offset), None)
 
     def close(self) -> None:
         """Unmap everything (the views die with the last reference)."""
@@ -127,7 +152,7 @@ class StreamedEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (...,) -> (..., hidden)
         rows = F.embedding(ids, self.pool.mapped(self.weight_stored).view).to(self.dtype)
-        self.pool.release(self.weight_stored)
+        self.pool.unmap(self.weight_stored)
         return rows
 
 
@@ -150,20 +175,35 @@ class StreamedHead(nn.Module):
             block = weight[start:end].to(self.dtype)  # (rows, hidden)
             out[..., start:end] = F.linear(x, block, None if bias is None else bias[start:end])
             mapped.drop_pages(start * row_bytes, end * row_bytes)
+        self.pool.unmap(self.weight_stored)
         return out
 
 
 def skeleton(config_dir: Path, dtype: torch.dtype) -> PreTrainedModel:
-    """The checkpoint's transformers model with every parameter on meta, in `dtype`, in eval mode."""
-    from accelerate import init_empty_weights  # type: ignore[import-untyped]  # accelerate ships no type hints
+    """The checkpoint's transformers model with every parameter on meta, in `dtype`, in eval mode.
+
+    Built on the meta device (no memory, no address space), then its non-persistent buffers (the rotary
+    frequencies) are made real and initialised by the model's own _init_weights, as from_pretrained does.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         config = AutoConfig.from_pretrained(config_dir)
-        with init_empty_weights(include_buffers=False):
+        with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except (OSError, ValueError, KeyError) as err:
         raise StreamError(f"{config_dir}: no causal LM to build from its config.json ({err})") from None
+    owners: dict[int, nn.Module] = {}
+    for name, buffer in model.named_non_persistent_buffers():
+        path, _, attribute = name.rpartition(".")
+        owner = model.get_submodule(path)
+        owner._buffers[attribute] = torch.empty_like(buffer, device="cpu")
+        owners[id(owner)] = owner
+    for owner in owners.values():
+        model._init_weights(owner)
+    meta = [name for name, buffer in model.named_buffers() if buffer.is_meta]
+    if meta:
+        raise StreamError(f"{type(model).__name__}: buffer {meta[0]!r} is not one streaming can initialise")
     return model.eval()
 
 
@@ -354,4 +394,5 @@ def lockstep_layers(
         if after_layer is not None:
             after_layer(index)
         pool.close()
+        give_back_free_memory()
     return hidden

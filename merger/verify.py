@@ -54,7 +54,7 @@ from merger.tensorcheck import TensorChecks, tensor_name_problems
 
 REFERENCE_DTYPE = torch.float32
 REFERENCE_NAME = "float32"
-POSITION_BLOCK = 64  # logit metrics go this many positions at a time (their float64 work is positions × vocab)
+POSITION_BLOCK = 16  # logit metrics go this many positions at a time (their float64 temporaries: positions × vocab)
 
 
 class VerifyError(D2LoraError):

@@ -1,4 +1,4 @@
-"""Random Llama checkpoints of real model sizes, written once and reused (benchmarks.verify_sizes).
+"""Random Llama checkpoints of real model sizes, written once and reused (benchmarks.verify_sizes, the memory-cap test).
 
 A folder is a complete model: config.json, a byte-level BPE tokenizer trained on the spot
 (tests.support.tiny), and seeded random weights in size-capped shards written by
