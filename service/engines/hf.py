@@ -70,6 +70,7 @@ class TransformersEngine(Engine):
         return out.logits[:, -1, :], out.past_key_values
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+        self.check_adapter(request)  # this reference engine holds one set of weights and applies no adapter
         options = request.sampling
         prompt_ids = self.tokenizer.encode(request.prompt)
         budget = self._token_budget(len(prompt_ids), options.max_tokens)
