@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 
 from merger import formula
-from merger.checkpoint import StoredTensor
+from merger.checkpoint import MappedTensor, StoredTensor
 from merger.kinds import AdapterKind, ModuleAdapter
 from merger.report import WeightError
 from merger.streaming import TensorPool
@@ -75,13 +75,21 @@ def module_error(
     return WeightError(worst, worst / max(largest, torch.finfo(torch.float64).tiny))
 
 
-def max_abs_diff(stored: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |stored − expected cast to stored's dtype|, in float64 a block at a time (inf if the shapes differ)."""
-    if stored.shape != expected.shape:
+def max_abs_diff(stored: MappedTensor, expected: MappedTensor) -> float:
+    """max |stored − expected cast to stored's dtype| (inf if the shapes differ), in float64 a block at a time.
+
+    Each block's pages are given back once compared, so a vocabulary-sized pair costs two blocks of memory.
+    """
+    if stored.view.shape != expected.view.shape:
         return float("inf")
+    a, b = stored.view.reshape(-1), expected.view.reshape(-1)
     worst = 0.0
-    for a, b in zip(stored.reshape(-1).split(BLOCK_ELEMENTS), expected.reshape(-1).split(BLOCK_ELEMENTS), strict=True):
-        worst = _worse(worst, (a.to(torch.float64) - b.to(stored.dtype).to(torch.float64)).abs().max().item())
+    for start in range(0, a.numel(), BLOCK_ELEMENTS):
+        end = min(start + BLOCK_ELEMENTS, a.numel())
+        diff = a[start:end].to(torch.float64) - b[start:end].to(a.dtype).to(torch.float64)
+        worst = _worse(worst, diff.abs().max().item())
+        stored.drop_pages(start * a.element_size(), end * a.element_size())
+        expected.drop_pages(start * b.element_size(), end * b.element_size())
     return worst
 
 
@@ -123,7 +131,7 @@ class TensorChecks:
                 error = module_error(self._view(base), self._view(merged), self.kind, module)
                 self.weight_errors[module.path] = error
             elif merged is not base:  # the base's own bytes (a fused file over the base) need no check
-                diff = max_abs_diff(self._view(merged), self._view(base))
+                diff = max_abs_diff(self.pool.mapped(merged), self.pool.mapped(base))
                 if _is_worse(diff, self.max_untouched_abs_diff):
                     self.max_untouched_abs_diff, self.worst_untouched = diff, name
             self.pool.release(base)
