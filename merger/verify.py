@@ -216,9 +216,8 @@ def compare_on_probes(
 
         paths = streamed_greedy([merged, *floor_models[1:]], probes, NEW_TOKENS, after_decoding_layer)
 
-        forced = [reference, merged, *floor_models]
-        hidden = streamed_forced_hidden(forced, probes, [paths[0], paths[0], paths[-1], paths[-1]][: len(forced)],
-                                        after_layer)  # fmt: skip
+        continuations = [paths[0], paths[0]] + [paths[-1]] * len(floor_models)  # each pair along its own path
+        hidden = streamed_forced_hidden([reference, merged, *floor_models], probes, continuations, after_layer)
     checks.check_rest()
     logits = _pair_metrics(reference, merged, hidden[:2], probes, paths[0])
     floor = _pair_metrics(floor_models[0], floor_models[1], hidden[2:], probes, paths[1]) if with_floor else None
@@ -256,17 +255,15 @@ def verify(
     with merged_source(base_dir, base, adapter_path, merged_path, fused_path, dtype, limits) as source:
         merged_dtype = stored_dtype(source, bound)
         check_requested_dtype(dtype, merged_dtype)
-        floor, key = None, None
-        if merged_dtype != REFERENCE_DTYPE and floor_cache is not None:
-            key = floor_key(base_dir, merged_dtype, probes)
-            floor = floor_cache.get(key)
+        key = floor_key(base_dir, merged_dtype, probes) if floor_cache and merged_dtype != REFERENCE_DTYPE else None
+        floor = floor_cache.get(key) if floor_cache and key else None
         with_floor = merged_dtype != REFERENCE_DTYPE and floor is None
         comparison, checks = compare_on_probes(
             base_dir, base, source, adapter, bound, merged_dtype, probes, with_floor, progress
         )
         if comparison.floor is not None:
             floor = comparison.floor
-            if floor_cache is not None and key is not None:
+            if floor_cache and key:
                 floor_cache.put(key, base_dir, merged_dtype, floor)
         report = EquivalenceReport(
             base=str(base_dir),
