@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from merger.merge import merge
 from merger.probes import NEW_TOKENS
+from tests.support.adapters import write_random_adapter
 from tests.support.oracle import streamed_run, whole_model_floor, whole_model_run
 
 METRIC_TOLERANCE = 1e-6
@@ -39,3 +41,17 @@ def test_streamed_bf16_comparison_and_floor_equal_the_whole_model_ones(tiny_base
     assert_same_metrics(streamed.logits, whole.logits)
     assert streamed.floor is not None
     assert_same_metrics(streamed.floor, floor.logits)
+
+
+@pytest.mark.slow
+def test_a_bf16_base_streams_like_the_whole_model(tiny_base, tmp_path):
+    """A base stored in bfloat16: the float32 reference casts each tensor as it is read, the merge stays bf16."""
+    base = tiny_base("llama", torch.bfloat16)
+    adapter = write_random_adapter(tmp_path / "adapter", base, seed=5)
+    merged = merge(base, adapter, tmp_path / "merged", progress=False).out_dir
+    streamed = streamed_run(base, adapter, merged, torch.bfloat16)
+    whole = whole_model_run(base, adapter, merged, torch.bfloat16)
+    assert torch.equal(streamed.path, whole.path)
+    assert_same_metrics(streamed.logits, whole.logits)
+    assert streamed.floor is not None
+    assert_same_metrics(streamed.floor, whole_model_floor(base, torch.bfloat16).logits)
