@@ -1,4 +1,4 @@
-"""The streamed `d2lora verify` against its whole-model oracle, and what it catches (tests/support/oracle.py)."""
+"""The streamed `d2lora verify` against its whole-model oracle (tests/support/oracle.py): the same numbers."""
 
 from __future__ import annotations
 
