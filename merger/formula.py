@@ -10,6 +10,14 @@ Every adapter kind fuses a Linear weight into the same shape of result:
 
 so the merged weight, the unmerged forward used for verification and the
 training layer all call the functions below. Nothing here knows about files.
+
+With ΔW = s·B A the same result is a rank-k update of a row-scaled base, which
+is how many adapters are served in one batch without merging (SPEC §1):
+
+    Ŵ x = s ⊙ (W0 x) + B̃ A x        B̃ = diag(s + c) · s_lora · B
+
+and as an exact PEFT DoRA adapter: B′ = diag((s + c)/s) · s_lora · B with
+scaling 1 and magnitude m = s ⊙ ‖W0 + B′A‖_row.
 Tensors are in torch layout, W0: (out, in).
 """
 
@@ -170,3 +178,40 @@ def check_finite(fused: torch.Tensor, module: str) -> None:
     """
     if fused.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(fused))).all()):
         raise FusionError(f"{module}: fused weight has non-finite values")
+
+
+def _row_factor(row_scale: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """The per-row scale as float64 (out, 1); plain LoRA (None) is 1 on every row."""
+    if row_scale is None:
+        return torch.ones(out_features, 1, dtype=NORM_DTYPE)
+    return row_scale.reshape(-1, 1).to(NORM_DTYPE)
+
+
+def row_scaled_b(b: torch.Tensor, scaling: float, row_scale: torch.Tensor | None, add_residual: bool) -> torch.Tensor:
+    """B̃ = diag(s + c) · scaling · B, formed in float64 and rounded once to fp32.  b: (out, k) -> (out, k)
+
+    row_scale: (out, 1) as the kinds compute it for fusing, or None (s = 1).
+    """
+    factor = _row_factor(row_scale, b.shape[0]) + (1.0 if add_residual else 0.0)  # (out, 1)
+    return (b.to(NORM_DTYPE) * scaling * factor).to(COMPUTE_DTYPE)
+
+
+def dora_b(b: torch.Tensor, scaling: float, row_scale: torch.Tensor | None, add_residual: bool) -> torch.Tensor:
+    """B′ = diag((s + c)/s) · scaling · B in fp32, the lora_B of the equivalent DoRA adapter.  b: (out, k) -> (out, k)
+
+    Raises FusionError when a row scale is zero (DoRA cannot express it).
+    """
+    scale = _row_factor(row_scale, b.shape[0])  # (out, 1)
+    if bool((scale == 0).any()):
+        rows = (scale.squeeze(1) == 0).nonzero().flatten()[:5].tolist()
+        raise FusionError(f"row scale is zero in rows {rows}; no DoRA adapter has this weight")
+    factor = (scale + (1.0 if add_residual else 0.0)) / scale
+    return (b.to(NORM_DTYPE) * scaling * factor).to(COMPUTE_DTYPE)
+
+
+def dora_magnitude(
+    w0: torch.Tensor, a: torch.Tensor, b_dora: torch.Tensor, row_scale: torch.Tensor | None
+) -> torch.Tensor:
+    """m = s ⊙ ‖W0 + B′A‖_row, norms in float64, as fp32.  w0: (out, in), a: (k, in), b_dora: (out, k) -> (out,)"""
+    adapted = adapted_row_norm(w0, low_rank_delta(a, b_dora, 1.0))  # (out, 1) float64
+    return (_row_factor(row_scale, w0.shape[0]) * adapted).to(COMPUTE_DTYPE).reshape(-1)

@@ -33,6 +33,24 @@ class ModuleAdapter:
         return f"{self.path}.weight"
 
 
+@dataclasses.dataclass(frozen=True)
+class RowScaledLowRank:
+    """One module in its per-request form (SPEC §1): Ŵ x = d ⊙ (W0 x) + B̃ (A x), all fp32."""
+
+    a: torch.Tensor  # (k, in)
+    b: torch.Tensor  # (out, k): B̃ = diag(d + c)·s·B
+    row_scale: torch.Tensor | None  # (out,): d; None where d = 1 (plain LoRA)
+
+
+@dataclasses.dataclass(frozen=True)
+class DoraFactors:
+    """One module as an exact PEFT DoRA adapter of rank k with scaling 1, all fp32."""
+
+    a: torch.Tensor  # (k, in): lora_A
+    b: torch.Tensor  # (out, k): lora_B = diag((d + c)/d)·s·B
+    magnitude: torch.Tensor  # (out,): lora_magnitude_vector = d ⊙ ‖W0 + lora_B·A‖_row
+
+
 class AdapterKind:
     """The strategy for one adapter family.  Subclasses set the class vars."""
 
@@ -55,14 +73,53 @@ class AdapterKind:
         """The per-row scale s of the formula, (out, 1), or None for plain addition."""
         return None
 
+    def low_rank(self, module: ModuleAdapter) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) in fp32 with ΔW = scaling · B A.  -> (k, in), (out, k)"""
+        raise NotImplementedError
+
     def fuse(self, w0_stored: torch.Tensor, module: ModuleAdapter) -> torch.Tensor:
         """Ŵ in fp32, in the stored layout of w0 ((in, out) when fan_in_fan_out)."""
+        w0, delta, row_scale = self._scaled_parts(w0_stored, module)
+        fused = formula.fuse(w0, delta, row_scale, self.add_residual)
+        formula.check_finite(fused, module.path)
+        return fused.T if module.fan_in_fan_out else fused
+
+    def row_scaled(self, w0_stored: torch.Tensor, module: ModuleAdapter) -> RowScaledLowRank:
+        """The per-request form (A, B̃, d), d exactly the row scale `fuse` applies."""
+        w0, _, row_scale = self._scaled_parts(w0_stored, module)
+        a, b = self.low_rank(module)
+        form = RowScaledLowRank(
+            a, formula.row_scaled_b(b, module.scaling, row_scale, self.add_residual), _flat(row_scale)
+        )
+        self._check_finite(module, form.b, form.row_scale)
+        return form
+
+    def dora(self, w0_stored: torch.Tensor, module: ModuleAdapter) -> DoraFactors:
+        """The same fused weight as a PEFT DoRA adapter (lora_A, lora_B, magnitude), scaling 1."""
+        w0, _, row_scale = self._scaled_parts(w0_stored, module)
+        a, b = self.low_rank(module)
+        try:
+            b_dora = formula.dora_b(b, module.scaling, row_scale, self.add_residual)
+        except formula.FusionError as err:
+            raise formula.FusionError(f"{module.path}: {err}") from None
+        factors = DoraFactors(a, b_dora, formula.dora_magnitude(w0, a, b_dora, row_scale))
+        self._check_finite(module, factors.b, factors.magnitude)
+        return factors
+
+    def _scaled_parts(
+        self, w0_stored: torch.Tensor, module: ModuleAdapter
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """W0 in torch layout and fp32 (out, in), ΔW (out, in) and the row scale (out, 1) or None."""
         w0 = w0_stored.T if module.fan_in_fan_out else w0_stored  # (out, in)
         w0 = w0.to(formula.COMPUTE_DTYPE)
         delta = self.delta(module)  # (out, in)
-        fused = formula.fuse(w0, delta, self._named_row_scale(w0, delta, module), self.add_residual)
-        formula.check_finite(fused, module.path)
-        return fused.T if module.fan_in_fan_out else fused
+        return w0, delta, self._named_row_scale(w0, delta, module)
+
+    @staticmethod
+    def _check_finite(module: ModuleAdapter, *tensors: torch.Tensor | None) -> None:
+        for tensor in tensors:
+            if tensor is not None:
+                formula.check_finite(tensor, module.path)
 
     def _named_row_scale(self, w0: torch.Tensor, delta: torch.Tensor, module: ModuleAdapter) -> torch.Tensor | None:
         """row_scale, with a FusionError (zero-norm row) naming the module."""
@@ -70,6 +127,10 @@ class AdapterKind:
             return self.row_scale(w0, delta, module)
         except formula.FusionError as err:
             raise formula.FusionError(f"{module.path}: {err}") from None
+
+
+def _flat(row_scale: torch.Tensor | None) -> torch.Tensor | None:
+    return None if row_scale is None else row_scale.reshape(-1)
 
 
 def _low_rank_forward(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -95,6 +156,10 @@ class LoraKind(AdapterKind):
     def delta_forward(self, x, module):
         f = module.factors
         return module.scaling * _low_rank_forward(x, f["lora_A.weight"], f["lora_B.weight"])
+
+    def low_rank(self, module):
+        f = module.factors
+        return f["lora_A.weight"].to(formula.COMPUTE_DTYPE), f["lora_B.weight"].to(formula.COMPUTE_DTYPE)
 
 
 class DoraKind(LoraKind):
@@ -138,6 +203,12 @@ class D2LoraKind(AdapterKind):
         return formula.d2lora_factors(
             f["lora_A.weight"], f["lora_B.weight"], f["lora_A_neg.weight"], f["lora_B_neg.weight"], module.tau
         )
+
+    def low_rank(self, module):
+        f = {name: t.to(formula.COMPUTE_DTYPE) for name, t in module.factors.items()}  # cast first, as d2lora_delta
+        return formula.d2lora_factors(
+            f["lora_A.weight"], f["lora_B.weight"], f["lora_A_neg.weight"], f["lora_B_neg.weight"], module.tau
+        )  # (2r, in), (out, 2r)
 
     def delta_forward(self, x, module):
         a, b = self.stacked_factors(module)  # (2r, in), (out, 2r)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from merger import commands as merger_commands
+from merger import export_cli
 from merger.errors import D2LoraError
 from merger.train import cli as train_commands
 from service import demo, serve
@@ -23,6 +24,7 @@ EXIT_INTERRUPTED = 130
 # Each adds its sub-commands to `d2lora`, in `d2lora --help` order.
 COMMANDS: tuple[Callable[[Any], None], ...] = (
     merger_commands.add_parser,  # merge, verify, models
+    export_cli.add_parser,  # export
     train_commands.add_parser,  # train
     serve.add_parser,  # serve
     demo.add_parser,  # demo

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from merger.demo import default_cache_dir
@@ -20,6 +20,8 @@ from merger.errors import D2LoraError
 from service.engines import EngineName
 
 ENV_PREFIX = "D2LORA_"
+SchedulerMode = Literal["auto", "batched", "merged"]
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
 
 
 class SettingsError(D2LoraError):
@@ -47,11 +49,37 @@ class Settings(BaseSettings):
     dtype: ComputeDtype = "float32"  # engine compute dtype (fp32 matches the merger bit-for-bit)
     kv_cache_gib: int = Field(default=2, gt=0)  # vLLM KV cache space (VLLM_CPU_KVCACHE_SPACE on CPU)
     gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)  # vLLM on a GPU only
+    tensor_parallel_size: int = Field(default=1, ge=1)  # GPUs one vLLM engine spans (vLLM's tensor_parallel_size)
     max_model_len: int | None = Field(default=None, gt=0)  # longest prompt + completion; None: the model's own
     max_num_seqs: int = Field(default=64, gt=0)  # sequences one engine decodes together
     max_resident: int = Field(default=1, gt=0)  # engines, each holding one model's weights (1 on CPU)
     max_waiting: int = Field(default=256, gt=0)  # queued requests over all models; beyond it: 429
     time_slice_s: float = Field(default=2.0, gt=0)  # how long a busy model keeps an engine while others wait
+    scheduler_mode: SchedulerMode = "auto"  # batched | merged | auto (service/scheduling/policy.py)
+    merged_after_s: float = Field(default=10.0, ge=0)  # auto: a model alone this long gets merged weights
+
+    # per-request adapters on the vLLM engine (service/engines/lora/): vLLM's LoRA slots and its adapter cache
+    max_loras: int = Field(default=16, ge=0)  # distinct adapters one forward pass mixes; 0: per-request adapters off
+    max_cpu_loras: int | None = Field(default=None, ge=1)  # per-request forms kept loaded (LRU); None: 4 × max_loras
+    max_lora_rank: int = 16  # largest rank k of a per-request form (2r for D²-LoRA); one of VLLM_LORA_RANKS
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _lora_rank(cls, value: int) -> int:
+        if value not in VLLM_LORA_RANKS:
+            raise ValueError(f"must be one of {', '.join(map(str, VLLM_LORA_RANKS))} (the ranks vLLM allocates)")
+        return value
+
+    @model_validator(mode="after")
+    def _lora_cache(self) -> Settings:
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+        return self
+
+    @property
+    def adapter_cache_size(self) -> int:
+        """Per-request forms vLLM keeps loaded (max_cpu_loras, default 4 × max_loras)."""
+        return self.max_cpu_loras if self.max_cpu_loras is not None else 4 * self.max_loras
 
     @field_validator("api_keys", mode="before")
     @classmethod

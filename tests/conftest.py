@@ -18,7 +18,7 @@ from tests.support.tiny import make_tiny_checkpoint
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # Fixtures that start a vLLM engine (directly or through a live `d2lora serve --engine vllm`).
-VLLM_FIXTURES = frozenset({"vllm_scheduler", "live_server", "vllm_server"})
+VLLM_FIXTURES = frozenset({"vllm_scheduler", "live_server", "vllm_server", "lora_engine"})
 
 
 def uses_vllm(item: pytest.Item) -> bool:

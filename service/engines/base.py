@@ -1,10 +1,17 @@
 """The engine interface: start, load weights, generate, stop.  Engines never see HTTP.
 
-An engine holds ONE set of weights at a time.  `load_weights` replaces named
+An engine holds ONE set of dense weights at a time.  `load_weights` replaces named
 tensors in place, read from safetensors files (a model's fused tensors, and the
 base's original tensors for whatever must go back to the base); only the
 scheduler calls it, and only when no request is running on that engine (SPEC §6).
 Which tensors travel is decided by `service.engines.weights.SwapPlanner`.
+
+Engines whose class sets `per_request_adapters` can also apply an adapter per
+request (`GenerationRequest.adapter`, an `AdapterRef` to its per-request form,
+merger.per_request) on top of the weights they hold, many adapters in one
+batch; `adapter_slots` says how many distinct adapters one forward can mix.
+Per-request adapters are exact on the BASE weights only: the scheduler sends
+them only while the engine holds the base (no merged model swapped in).
 
 An engine class is named in `service.engines.ENGINE_CLASSES`, built as
 `engine_class(name)(settings)` and started with `await engine.start(base_dir)`.
@@ -20,7 +27,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
@@ -115,11 +122,31 @@ class SamplingOptions:
 
 
 @dataclasses.dataclass(frozen=True)
+class AdapterRef:
+    """An adapter applied per request: its per-request form folder (merger.per_request.write_per_request_form).
+
+    `id` names the folder's content in the engine's adapter caches (vLLM's lora_int_id): keep it for as long
+    as the folder is unchanged, and give a replaced adapter a new one.
+    """
+
+    name: str
+    id: int  # >= 1
+    path: Path
+
+    def __post_init__(self):
+        if not isinstance(self.id, int) or isinstance(self.id, bool) or self.id < 1:
+            raise ValueError(f"adapter id: must be an integer >= 1, got {self.id!r}")
+        if not self.name:
+            raise ValueError("adapter name: must not be empty")
+
+
+@dataclasses.dataclass(frozen=True)
 class GenerationRequest:
     request_id: str
     prompt: str  # plain text; a chat request arrives here with the chat template applied
     sampling: SamplingOptions
     prompt_token_ids: tuple[int, ...] | None = None  # the prompt's tokens; when given the engine uses them as is
+    adapter: AdapterRef | None = None  # None: the weights the engine holds (the base or a merged model)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,10 +184,42 @@ class TensorFile:
 class Engine(abc.ABC):
     name: ClassVar[str]
     features: ClassVar[frozenset[str]] = frozenset()  # the OPTIONAL_FEATURES it implements
+    per_request_adapters: ClassVar[bool] = False  # applies GenerationRequest.adapter, many adapters per batch
     tokenizer: ChatTokenizer  # set by start()
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.step_observer: Callable[[int], None] | None = None  # called after each forward: adapters in it
+
+    @property
+    def adapter_slots(self) -> int:
+        """How many distinct per-request adapters one forward pass can mix; 0 when the engine applies none
+        (or when D2LORA_SCHEDULER_MODE=merged, which never batches adapters)."""
+        batching = self.per_request_adapters and self.settings.scheduler_mode != "merged"
+        return self.settings.max_loras if batching else 0
+
+    def _notify_step(self, adapters: int) -> None:
+        """Tell the scheduler a forward ran, carrying `adapters` distinct per-request adapters."""
+        if self.step_observer is not None:
+            self.step_observer(adapters)
+
+    def check_adapter(self, request: GenerationRequest) -> None:
+        """Refuse a per-request adapter this engine cannot apply (it would otherwise serve other weights)."""
+        if request.adapter is not None and not self.adapter_slots:
+            raise ValueError(f"the {self.name} engine does not apply per-request adapters ({request.adapter.name})")
+
+    async def add_adapter(self, adapter: AdapterRef) -> None:
+        """Load and check an adapter's per-request form ahead of its first request (optional for an engine)."""
+        raise ValueError(f"the {self.name} engine does not apply per-request adapters ({adapter.name})")
+
+    async def remove_adapter(self, adapter: AdapterRef) -> None:
+        """Drop a cached per-request form (an adapter deleted or replaced)."""
+        raise ValueError(f"the {self.name} engine does not apply per-request adapters ({adapter.name})")
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of the engine's paged KV cache in use; 0.0 for an engine without one (transformers)."""
+        return 0.0
 
     @abc.abstractmethod
     async def start(self, base_dir: Path) -> None: ...

@@ -100,6 +100,7 @@ class TransformersEngine(Engine):
         return Step(tokens.tolist(), logprobs, prompt), out.past_key_values
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+        self.check_adapter(request)  # this reference engine holds one set of weights and applies no adapter
         options = request.sampling
         prompt_ids = (
             list(request.prompt_token_ids)
@@ -116,6 +117,7 @@ class TransformersEngine(Engine):
                     return
                 async with self.step_lock:
                     step, cache = await asyncio.to_thread(self._step, input_ids, cache, options, generator)
+                self._notify_step(0)
                 input_ids = torch.tensor(step.tokens).unsqueeze(1)  # (n, 1)
                 last = step_index + 1 == budget
                 for index, choice in enumerate(choices):

@@ -8,6 +8,11 @@ opens the safetensors files by path.  The engine core handles an RPC between two
 steps, after every abort sent before it, so a swap never meets a forward pass.
 After a swap the prefix cache is reset: no KV block computed under the old
 weights is ever reused.  The same code runs on a GPU with the `vllm` package.
+
+Per-request adapters (`max_loras` > 0): vLLM's LoRA support is enabled on the
+decoder blocks' Linear modules, and d2lora's plugin (service/engines/lora/)
+gives its LoRA layers the row scale of D²-LoRA / DoRA, so a request naming an
+`AdapterRef` is served by exactly its fused weights while sharing the batch.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from service.engines.base import (
     OPTIONAL_FEATURES,
+    AdapterRef,
     Engine,
     GenerationChunk,
     GenerationRequest,
@@ -113,18 +119,45 @@ def packed_siblings(name: str, packed: dict[str, list[str]]) -> set[str]:
     return {f"{parent}.{part}" for parts in groups for part in parts} | {module}
 
 
+def lora_request(adapter: AdapterRef):
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(lora_name=adapter.name, lora_int_id=adapter.id, lora_path=str(adapter.path))
+
+
 class VllmEngine(Engine):
     name = "vllm"
     features = OPTIONAL_FEATURES
+    per_request_adapters = True
 
     async def start(self, base_dir: Path) -> None:
         configure_environment(self.settings.kv_cache_gib)
+        if self.adapter_slots:
+            from service.engines.lora.versions import check_vllm
+
+            check_vllm()  # one line, before vLLM starts, when its internals are not the ones the plugin patches
         from vllm.v1.engine.async_llm import AsyncLLM
+
+        from service.engines.vllm_stats import EngineStats  # imports vLLM: after its environment is set
 
         self.base = BaseTensors(base_dir)
         self.tokenizer = ChatTokenizer(base_dir)
-        self.llm = AsyncLLM.from_engine_args(self._engine_args(base_dir))
+        self.stats = EngineStats(observer=self._notify_step)
+        self.llm = AsyncLLM.from_engine_args(self._engine_args(base_dir), stat_loggers=[self.stats.logger_factory()])
         (self.packed,) = await self.llm.collective_rpc("d2lora_packed_modules")
+        if self.adapter_slots:
+            await self._check_plugin()
+
+    async def _check_plugin(self) -> None:
+        (installed,) = await self.llm.collective_rpc("d2lora_lora_plugin")
+        if not installed:
+            self.llm.shutdown()
+            raise RuntimeError("the vLLM worker runs without d2lora's LoRA plugin: per-request adapters would be wrong")
+
+    @property
+    def adapter_modules(self) -> list[str]:
+        """Leaf names of the modules a per-request adapter may target (q_proj, ..., down_proj)."""
+        return self.base.layer_linear_names()
 
     def _engine_args(self, base_dir: Path):
         from vllm import AsyncEngineArgs
@@ -138,9 +171,28 @@ class VllmEngine(Engine):
             max_model_len=resolve_max_model_len(s, base_dir),
             max_num_seqs=s.max_num_seqs,
             gpu_memory_utilization=s.gpu_memory_utilization,
+            tensor_parallel_size=s.tensor_parallel_size,
             worker_extension_cls=WORKER_EXTENSION,
             disable_log_stats=True,
+            **self._lora_args(),
         )
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """vLLM's own figure, from the SchedulerStats of its latest step (service/engines/vllm_stats.py)."""
+        return self.stats.kv_cache_usage
+
+    def _lora_args(self) -> dict:
+        s = self.settings
+        if not self.adapter_slots:
+            return {}
+        return {
+            "enable_lora": True,
+            "max_loras": s.max_loras,
+            "max_cpu_loras": s.adapter_cache_size,
+            "max_lora_rank": s.max_lora_rank,
+            "lora_target_modules": self.adapter_modules,
+        }
 
     async def load_weights(self, files: Sequence[TensorFile]) -> None:
         complete = [*files, *self.base.slices(self._missing_parts(files))]
@@ -154,7 +206,17 @@ class VllmEngine(Engine):
         needed = {name for name in self.base.files if name.rpartition(".")[0] in modules}
         return needed - named
 
+    async def add_adapter(self, adapter: AdapterRef) -> None:
+        self.check_adapter(GenerationRequest("", "", SamplingOptions(), adapter=adapter))
+        if not await self.llm.add_lora(lora_request(adapter)):
+            raise ValueError(f"adapter {adapter.name}: vLLM did not load {adapter.path}")
+
+    async def remove_adapter(self, adapter: AdapterRef) -> None:
+        if self.adapter_slots:
+            await self.llm.remove_lora(adapter.id)
+
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+        self.check_adapter(request)
         options = request.sampling
         from vllm.inputs import TextPrompt, TokensPrompt
 
@@ -163,7 +225,12 @@ class VllmEngine(Engine):
             if request.prompt_token_ids is None
             else TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
         )
-        stream = self.llm.generate(prompt, sampling_params(options), request.request_id)
+        stream = self.llm.generate(
+            prompt,
+            sampling_params(options),
+            request.request_id,
+            lora_request=lora_request(request.adapter) if request.adapter is not None else None,
+        )
         prompt_sent = False
         async for output in stream:
             prompt_ids = tuple(output.prompt_token_ids or ())

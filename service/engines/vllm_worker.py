@@ -13,7 +13,13 @@ cross the process boundary, never tensor data.  Two ways to put the tensors in:
   `load_weights` on just the layers touched, re-initialised and re-processed.
 
 Either way a packed module (qkv_proj) must receive all of its parts (q, k, v)
-in one call; `VllmEngine` makes sure it does.
+in one call; `VllmEngine` makes sure it does.  With LoRA enabled vLLM wraps
+each adapted Linear (`<module>.base_layer` is the Linear); the swap goes to the
+Linear, and the LoRA slots stay as they are.
+
+Importing this module installs d2lora's LoRA plugin (service/engines/lora/) in
+the worker process, before vLLM builds the model: the same, idempotent call the
+`vllm.general_plugins` entry point makes.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 import torch
 from safetensors import safe_open
 from vllm.config import set_current_vllm_config
+from vllm.lora.layers import BaseLayerWithLoRA
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 from vllm.model_executor.model_loader.reload.layerwise import (
     finalize_layerwise_reload,
@@ -36,6 +43,9 @@ from vllm.model_executor.model_loader.reload.layerwise import (
 )
 
 from merger.checkpoint import mapped_tensors
+from service.engines import lora
+
+lora.install()
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -80,11 +90,16 @@ class SwapWorkerExtension:
         model = self.model_runner.get_model()
         return {packed: list(parts) for packed, parts in getattr(model, "packed_modules_mapping", {}).items()}
 
+    def d2lora_lora_plugin(self) -> bool:
+        """Whether d2lora's LoRA plugin is installed in this worker."""
+        return lora.installed()
+
     def d2lora_load(self, files: Files) -> int:
         """Load the named tensors of each (safetensors path, names); returns how many were loaded."""
         model = self.model_runner.get_model()
         destinations = _destinations(model, [name for _, names in files for name in names])
-        modules = {path: model.get_submodule(path) for path in sorted({d.module for d in destinations.values()})}
+        paths = sorted({d.module for d in destinations.values()})
+        modules = {path: _linear(model.get_submodule(path)) for path in paths}
         if all(PackedCpuWeights.handles(module) for module in modules.values()):
             self._packed_cpu_weights().load(modules, destinations, files)
         else:
@@ -151,6 +166,11 @@ class PackedCpuWeights:
             shape = (module.output_size_per_partition, module.input_size_per_partition)
             self.staging[path] = torch.empty(shape, dtype=module.params_dtype)
         return self.staging[path]
+
+
+def _linear(module: torch.nn.Module) -> torch.nn.Module:
+    """The Linear itself: vLLM's LoRA layer wraps it as `base_layer`."""
+    return module.base_layer if isinstance(module, BaseLayerWithLoRA) else module
 
 
 def _part_offsets(module: PackedLinear) -> list[int]:

@@ -31,11 +31,24 @@ def tensor_names(path: Path) -> frozenset[str]:
 
 
 class BaseTensors:
-    """Where each tensor of the base checkpoint is stored."""
+    """Where each tensor of the base checkpoint is stored, and its shape."""
 
     def __init__(self, base_dir: Path):
         with CheckpointReader(base_dir) as reader:
             self.files: dict[str, Path] = {name: t.file for name, t in reader.tensors.items()}
+            self.shapes: dict[str, tuple[int, ...]] = reader.shapes()
+
+    def layer_linear_names(self) -> list[str]:
+        """Leaf names of the 2-D weights inside numbered blocks (q_proj, ..., down_proj): what adapters target.
+
+        Embeddings and the LM head sit outside the blocks and are left out.
+        """
+        names = {
+            name.removesuffix(".weight").rpartition(".")[2]
+            for name, shape in self.shapes.items()
+            if name.endswith(".weight") and len(shape) == 2 and any(p.isdigit() for p in name.split("."))
+        }
+        return sorted(names)
 
     def slices(self, names: Iterable[str]) -> list[TensorFile]:
         """The base's original tensors for `names`, one TensorFile per shard."""
