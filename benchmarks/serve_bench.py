@@ -113,7 +113,7 @@ async def swap_seconds(scheduler: Scheduler, files: list[Path], swaps: int) -> l
         seconds.append(time.perf_counter() - start)
         slot.names, slot.weights = names, weights
     await slot.engine.load_weights(planner.plan(slot.names, None))
-    slot.names, slot.weights, slot.model = frozenset(), None, scheduler.base_name
+    slot.names, slot.weights = frozenset(), None
     return seconds
 
 

@@ -66,6 +66,18 @@ EQUIVALENCE_MAX_ABS_LOGIT_DIFF = Gauge(
     ["model"],
     registry=REGISTRY,
 )
+FORWARDS = Counter(
+    "d2lora_forwards",
+    "Engine forward steps, by the mode of the engine that ran them (batched | merged).",
+    ["mode"],
+    registry=REGISTRY,
+)
+ADAPTERS_PER_FORWARD = Histogram(
+    "d2lora_adapters_per_forward",
+    "Distinct per-request adapters in one forward step (0: base or merged weights only).",
+    buckets=(0, 1, 2, 4, 8, 16, 32, 64),
+    registry=REGISTRY,
+)
 RESIDENT_MODELS = Gauge(
     "d2lora_resident_models", "Models whose weights are loaded in an engine now.", registry=REGISTRY
 )

@@ -2,6 +2,8 @@
 
     <data_dir>/adapters/<name>/000001.json          the record of version 1
     <data_dir>/adapters/<name>/000001.safetensors   its fused target tensors (what the scheduler swaps in)
+    <data_dir>/adapters/<name>/000001.form/         its per-request form (batched serving; SPEC §1)
+    <data_dir>/adapters/<name>/000001.artifact/     the artifact as uploaded, to rebuild derived files from
     <data_dir>/registry.lock                        every live server holds it shared (flock)
     <data_dir>/tmp/<owner>/                         one server's uploads and merges in progress
     <data_dir>/tmp/<owner>.lock                     held exclusively by that server while it lives
@@ -44,6 +46,8 @@ logger = logging.getLogger(__name__)
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 RECORD_SUFFIX = ".json"
 TENSORS_SUFFIX = ".safetensors"
+FORM_SUFFIX = ".form"
+ARTIFACT_SUFFIX = ".artifact"
 INTERRUPTED = "interrupted: the server stopped while this adapter was merging; upload it again"
 LOCK_FILE = "registry.lock"
 LOCK_SUFFIX = ".lock"
@@ -65,6 +69,8 @@ class AdapterRecord(BaseModel):
     error: str | None = None
     warnings: list[str] = Field(default_factory=list)
     tensors_file: str | None = None  # fused target tensors, absolute path; set when ready
+    form_dir: str | None = None  # per-request form folder, absolute path; None: served with merged weights only
+    artifact_dir: str | None = None  # the uploaded artifact (config + factors), absolute path
     owner: str | None = None  # the server that merges it (its tmp/<owner>.lock is held while it lives)
 
     @property
@@ -77,6 +83,16 @@ class AdapterRecord(BaseModel):
         if self.tensors_file is None:
             raise ValueError(f"adapter {self.name} v{self.version} has no tensors (status {self.status})")
         return Path(self.tensors_file)
+
+    @property
+    def per_request_form(self) -> Path | None:
+        """The folder batched serving loads this version from, if it has one."""
+        return None if self.form_dir is None else Path(self.form_dir)
+
+    def files(self) -> set[str]:
+        """The names, inside its adapter's folder, of everything this version owns on disk."""
+        paths = (self.tensors_file, self.form_dir, self.artifact_dir)
+        return {f"{self.stem}{RECORD_SUFFIX}"} | {Path(p).name for p in paths if p}
 
 
 def _lock(path: Path, mode: int) -> int | None:
@@ -159,6 +175,9 @@ class Registry:
             if cut or vanished:
                 self.save(record.model_copy(update={"status": "failed", "error": INTERRUPTED, "tensors_file": None}))
                 logger.warning("adapter %s v%d: %s", record.name, record.version, INTERRUPTED)
+            elif alone and record.form_dir is not None and not Path(record.form_dir).is_dir():
+                self.save(record.model_copy(update={"form_dir": None}))  # merged weights still serve it
+                logger.warning("adapter %s v%d: its per-request form vanished", record.name, record.version)
 
     def refresh(self) -> None:
         """Re-read the records of every name whose folder changed on disk (another replica wrote it)."""
@@ -191,8 +210,7 @@ class Registry:
     def _remove_strays(self) -> None:
         """Anything in adapters/ that no record accounts for (half-written files, removed names)."""
         for folder in self.root.iterdir():
-            kept = {f"{r.stem}{RECORD_SUFFIX}" for r in self.versions.get(folder.name, {}).values()}
-            kept |= {Path(r.tensors_file).name for r in self.versions.get(folder.name, {}).values() if r.tensors_file}
+            kept = {name for r in self.versions.get(folder.name, {}).values() for name in r.files()}
             if not folder.is_dir() or not kept:
                 _remove(folder)
                 continue
@@ -240,6 +258,12 @@ class Registry:
     def tensors_path(self, record: AdapterRecord) -> Path:
         return self.root / record.name / f"{record.stem}{TENSORS_SUFFIX}"
 
+    def form_path(self, record: AdapterRecord) -> Path:
+        return self.root / record.name / f"{record.stem}{FORM_SUFFIX}"
+
+    def artifact_path(self, record: AdapterRecord) -> Path:
+        return self.root / record.name / f"{record.stem}{ARTIFACT_SUFFIX}"
+
     def save(self, record: AdapterRecord) -> None:
         folder = self.root / record.name
         folder.mkdir(parents=True, exist_ok=True)
@@ -249,8 +273,9 @@ class Registry:
     def discard(self, record: AdapterRecord) -> None:
         """Forget one version (a failed synchronous upload): the registry is as it was before it."""
         self.versions.get(record.name, {}).pop(record.version, None)
-        for path in (self.root / record.name / f"{record.stem}{RECORD_SUFFIX}", self.tensors_path(record)):
-            path.unlink(missing_ok=True)
+        for path in (self.tensors_path(record), self.form_path(record), self.artifact_path(record)):
+            _remove(path)
+        (self.root / record.name / f"{record.stem}{RECORD_SUFFIX}").unlink(missing_ok=True)
         if self.latest(record.name) is None:
             self.delete(record.name)
 

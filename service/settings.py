@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -20,6 +20,7 @@ from merger.errors import D2LoraError
 from service.engines import EngineName
 
 ENV_PREFIX = "D2LORA_"
+SchedulerMode = Literal["auto", "batched", "merged"]
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
 
 
@@ -53,6 +54,8 @@ class Settings(BaseSettings):
     max_resident: int = Field(default=1, gt=0)  # engines, each holding one model's weights (1 on CPU)
     max_waiting: int = Field(default=256, gt=0)  # queued requests over all models; beyond it: 429
     time_slice_s: float = Field(default=2.0, gt=0)  # how long a busy model keeps an engine while others wait
+    scheduler_mode: SchedulerMode = "auto"  # batched | merged | auto (service/scheduling/policy.py)
+    merged_after_s: float = Field(default=10.0, ge=0)  # auto: a model alone this long gets merged weights
 
     # per-request adapters on the vLLM engine (service/engines/lora/): vLLM's LoRA slots and its adapter cache
     max_loras: int = Field(default=16, ge=0)  # distinct adapters one forward pass mixes; 0: per-request adapters off

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -99,11 +99,14 @@ class Engine(abc.ABC):
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.step_observer: Callable[[int], None] | None = None  # called after each forward: adapters in it
 
     @property
     def adapter_slots(self) -> int:
-        """How many distinct per-request adapters one forward pass can mix; 0 when the engine applies none."""
-        return self.settings.max_loras if self.per_request_adapters else 0
+        """How many distinct per-request adapters one forward pass can mix; 0 when the engine applies none
+        (or when D2LORA_SCHEDULER_MODE=merged, which never batches adapters)."""
+        batching = self.per_request_adapters and self.settings.scheduler_mode != "merged"
+        return self.settings.max_loras if batching else 0
 
     def check_adapter(self, request: GenerationRequest) -> None:
         """Refuse a per-request adapter this engine cannot apply (it would otherwise serve other weights)."""

@@ -85,9 +85,12 @@ class VllmEngine(Engine):
             check_vllm()  # one line, before vLLM starts, when its internals are not the ones the plugin patches
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from service.engines.vllm_stats import EngineStats  # imports vLLM: after its environment is set
+
         self.base = BaseTensors(base_dir)
         self.tokenizer = ChatTokenizer(base_dir)
-        self.llm = AsyncLLM.from_engine_args(self._engine_args(base_dir))
+        self.stats = EngineStats(observer=self._notify_step)
+        self.llm = AsyncLLM.from_engine_args(self._engine_args(base_dir), stat_loggers=[self.stats.logger_factory()])
         (self.packed,) = await self.llm.collective_rpc("d2lora_packed_modules")
         if self.adapter_slots:
             await self._check_plugin()
@@ -119,6 +122,10 @@ class VllmEngine(Engine):
             disable_log_stats=True,
             **self._lora_args(),
         )
+
+    def _notify_step(self, adapters: int) -> None:
+        if self.step_observer is not None:
+            self.step_observer(adapters)
 
     def _lora_args(self) -> dict:
         s = self.settings

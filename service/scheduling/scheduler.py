@@ -1,35 +1,30 @@
-"""Per-model queues and the swap policy.  SPEC §6's invariant lives here and only here.
+"""Per-model queues, slots and the dispatch loop.  SPEC §6's invariant lives here and only here.
 
-Every request is served, from its first token to its last, by exactly the
-weights of the model it named.  Each engine ("slot") holds one model's weights;
-a request is admitted to a slot only while that slot holds its model's weights
-and is not draining.  A swap first stops admitting (drain), waits until the
-slot's last running request has finished or been aborted, loads the next
-model's tensors, and only then admits that model's requests.
+Every request is served, from its first token to its last, by exactly the weights of the model it
+named.  Each engine ("slot") holds a target (service.scheduling.modes): one model's merged weights,
+or the base with per-request adapters applied in the same forward (batched).  A request is admitted
+to a slot only while that slot's target serves its model and the engine holds the weights that
+target needs, and the slot is not draining.  A change of target (a swap, or a mode change) first
+stops admitting (drain), waits until the slot's last running request has finished or been aborted,
+loads the weights the new target needs, and only then admits requests again.
 
-Policy: a slot keeps its model while that model has work (running or queued),
-up to `time_slice_s` since it was swapped in (or since it last had no rival
-waiting), while requests of other models wait; then it drains and goes to the
-model whose request has waited longest.  Back-to-back requests of one model
-therefore cannot hold a slot past the slice once another model is waiting.
-An idle slot is handed over at once (least recently used first), and a
-request whose model is already resident in a slot goes there with no swap.
-So no model waits much longer than a time slice plus one drain.
+Which slot goes where is the policy's (service.scheduling.policy, D2LORA_SCHEDULER_MODE); the
+default `auto` batches every adapter that has a per-request form and gives one model merged weights
+while it has all the work.
 
-Which weights a model name means is looked up when its request is admitted,
-so a replaced adapter's queued requests get the new version; a request already
-running finishes on the version it started with.
+Which weights a model name means is looked up when its request is admitted, so a replaced adapter's
+queued requests get the new version; a request already running finishes on the version it started with.
 
 What the scheduler records: d2lora_swap_seconds{model}, d2lora_requests_running,
-d2lora_requests_waiting, d2lora_resident_models.  Token metrics (TTFT, time per
-output token, token counters) are the HTTP layer's (service/inference.py).
+d2lora_requests_waiting, d2lora_resident_models, d2lora_forwards_total{mode},
+d2lora_adapters_per_forward.  Token metrics (TTFT, time per output token, token counters) are the
+HTTP layer's (service/inference.py).
 
-`generate` is an async generator: QueueFullError and UnknownModelError come
-out of its first `__anext__`, before any chunk.  Closing it early (a client
-that disconnects) aborts the engine request and frees its slot.  `check_room`
-is the same admission test, asked by the HTTP layer before it validates a
-body, resolves a model or renders a chat, so an overload is refused before any
-of that work (and asked again when the request is queued).
+`generate` is an async generator: QueueFullError and UnknownModelError come out of its first
+`__anext__`, before any chunk.  Closing it early (a client that disconnects) aborts the engine
+request and frees its slot.  `check_room` is the same admission test, asked by the HTTP layer before
+it validates a body, resolves a model or renders a chat, so an overload is refused before any of
+that work (and asked again when the request is queued).
 """
 
 from __future__ import annotations
@@ -37,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -45,9 +41,12 @@ from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 
 from service import metrics
-from service.engines.base import Engine, GenerationChunk, GenerationRequest
+from service.engines.base import AdapterRef, Engine, GenerationChunk, GenerationRequest
 from service.engines.weights import BaseTensors, SwapPlanner
 from service.scheduling.errors import InvalidRequestError, QueueFullError, UnknownModelError
+from service.scheduling.modes import ServedModel
+from service.scheduling.policy import Demand, MergedPolicy, Policy, Timing, choose_policy
+from service.scheduling.slots import Slot
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -62,24 +61,6 @@ class Ticket:
     admitted: asyncio.Future
 
 
-@dataclasses.dataclass(eq=False)
-class Slot:
-    """One engine and the weights it holds: the base plus `names` taken from `weights` (None: the base)."""
-
-    engine: Engine
-    model: str
-    weights: Path | None = None
-    names: frozenset[str] = frozenset()
-    running: int = 0
-    busy_since: float = 0.0
-    last_used: float = 0.0
-    next_model: str | None = None  # set while draining: the model it swaps to once empty
-
-    @property
-    def draining(self) -> bool:
-        return self.next_model is not None
-
-
 class Scheduler:
     def __init__(self, settings: Settings, base_dir: Path, engine_factory: Callable[[], Engine]):
         self.settings = settings
@@ -87,9 +68,12 @@ class Scheduler:
         self.base_name = self.base_dir.resolve().name
         self.engine_factory = engine_factory
         self.planner = SwapPlanner(BaseTensors(self.base_dir))
-        self.models: dict[str, Path | None] = {self.base_name: None}  # name -> fused tensors file
+        self.models: dict[str, ServedModel] = {self.base_name: ServedModel(self.base_name)}
         self.queues: dict[str, deque[Ticket]] = {}
+        self.last_arrival: dict[str, float] = {}  # model -> its newest request's arrival
         self.slots: list[Slot] = []
+        self.policy: Policy = MergedPolicy(self._timing())
+        self.adapter_ids: dict[Path, int] = {}  # per-request form folder -> its engine-wide id (AdapterRef.id)
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
 
@@ -99,12 +83,21 @@ class Scheduler:
         await scheduler.start()
         return scheduler
 
+    def _timing(self) -> Timing:
+        return Timing(self.settings.time_slice_s, self.settings.merged_after_s)
+
     async def start(self) -> None:
-        """Start `max_resident` engines, each holding the base, and the dispatch loop."""
-        for _ in range(self.settings.max_resident):
-            engine = self.engine_factory()
+        """Start `max_resident` engines, each holding the base, pick the policy, start the dispatch loop."""
+        engines = [self.engine_factory() for _ in range(self.settings.max_resident)]
+        for engine in engines:
             await engine.start(self.base_dir)
-            self.slots.append(Slot(engine, self.base_name))
+        batching = all(engine.adapter_slots > 0 for engine in engines)
+        self.policy = choose_policy(self.settings.scheduler_mode, batching, self._timing())
+        for engine in engines:
+            slot = Slot(engine, self.policy.initial(self.base_name))
+            engine.step_observer = functools.partial(self._observe_step, slot)
+            self.slots.append(slot)
+        logger.info("scheduler: %s policy over %d engine(s)", self.policy.name, len(self.slots))
         self._loop_task = asyncio.create_task(self._dispatch_forever(), name="d2lora-scheduler")
         self._update_gauges()
 
@@ -120,14 +113,39 @@ class Scheduler:
 
     # models -------------------------------------------------------------------------------------------
 
-    async def add_model(self, name: str, tensors_file: Path) -> None:
-        """Serve `name` from a fused tensors file (replacing its previous file, if any)."""
+    async def add_model(self, name: str, tensors_file: Path, form_dir: Path | None = None) -> None:
+        """Serve `name` from a fused tensors file and, when given, its per-request form (replacing older ones).
+
+        A form the engines cannot apply (a rank above D2LORA_MAX_LORA_RANK, a broken folder) is logged and
+        left out: the model is then served with its merged weights only.
+        """
         self.planner.names_of(tensors_file)  # a file that does not fit the base fails here, not at swap time
-        self.models[name] = Path(tensors_file)
+        adapter = None if form_dir is None or not self.batching else await self._checked_form(name, Path(form_dir))
+        self.models[name] = ServedModel(name, Path(tensors_file), adapter)
         self._wake.set()
 
+    @property
+    def batching(self) -> bool:
+        """Whether the engines apply per-request adapters (the policy may then batch adapters together)."""
+        return bool(self.slots) and all(slot.engine.adapter_slots > 0 for slot in self.slots)
+
+    async def _checked_form(self, name: str, folder: Path) -> AdapterRef | None:
+        adapter = AdapterRef(name, self._adapter_id(folder), folder)
+        try:
+            for slot in self.slots:
+                await slot.engine.add_adapter(adapter)
+        except ValueError as err:
+            logger.warning("adapter %s: served with merged weights only (%s)", name, err)
+            return None
+        return adapter
+
+    def _adapter_id(self, folder: Path) -> int:
+        return self.adapter_ids.setdefault(folder, len(self.adapter_ids) + 1)
+
     def serves(self, name: str, tensors_file: Path) -> bool:
-        return self.models.get(name) == Path(tensors_file)
+        """Whether `name` is served from this fused tensors file (a newer version has another)."""
+        model = self.models.get(name)
+        return model is not None and model.fused == Path(tensors_file)
 
     async def remove_model(self, name: str) -> None:
         """Stop serving `name`: its queued requests fail, running ones finish."""
@@ -146,10 +164,11 @@ class Scheduler:
     async def generate(self, model: str, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         """Chunks of `request`, served wholly by `model`'s weights."""
         ticket = self._enqueue(model)
-        slot = await self._admission(ticket)
+        slot, served = await self._admission(ticket)
         finished = set()
         try:
-            async with contextlib.aclosing(slot.engine.generate(request)) as chunks:
+            chunks = slot.engine.generate(slot.target.mode.request(served, request))
+            async with contextlib.aclosing(chunks):
                 async for chunk in chunks:
                     if chunk.finish_reason is not None:
                         finished.add(chunk.index)
@@ -159,7 +178,7 @@ class Scheduler:
         finally:
             if len(finished) < request.sampling.n:
                 await slot.engine.abort(request.request_id)
-            self._release(slot)
+            self._release(slot, model)
 
     def check_room(self) -> None:
         """QueueFullError if a request arriving now would be refused; the HTTP layer asks before any work on a body."""
@@ -173,17 +192,18 @@ class Scheduler:
         self.check_room()
         ticket = Ticket(model, time.monotonic(), asyncio.get_running_loop().create_future())
         self.queues.setdefault(model, deque()).append(ticket)
+        self.last_arrival[model] = ticket.arrived
         self._update_gauges()
         self._wake.set()
         return ticket
 
-    async def _admission(self, ticket: Ticket) -> Slot:
+    async def _admission(self, ticket: Ticket) -> tuple[Slot, ServedModel]:
         """Wait for the dispatcher to admit the ticket; a cancelled wait leaves no trace."""
         try:
             return await asyncio.shield(ticket.admitted)
         except asyncio.CancelledError:
             if ticket.admitted.done() and not ticket.admitted.cancelled() and ticket.admitted.exception() is None:
-                self._release(ticket.admitted.result())
+                self._release(ticket.admitted.result()[0], ticket.model)
             else:
                 self._forget(ticket)
             raise
@@ -196,8 +216,10 @@ class Scheduler:
         self._update_gauges()
         self._wake.set()
 
-    def _release(self, slot: Slot) -> None:
-        slot.running -= 1
+    def _release(self, slot: Slot, model: str) -> None:
+        slot.running[model] -= 1
+        if slot.running[model] <= 0:
+            del slot.running[model]
         slot.last_used = time.monotonic()
         self._update_gauges()
         self._wake.set()
@@ -211,78 +233,71 @@ class Scheduler:
                 await self._dispatch()
             except Exception:
                 logger.exception("scheduler dispatch failed")
+            deadline = self.policy.next_deadline(self.slots, self._demand(), self.models, self._holds)
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._seconds_to_next_deadline())
+                await asyncio.wait_for(self._wake.wait(), timeout)
 
     async def _dispatch(self) -> None:
+        for slot, target in self.policy.retarget(self.slots, self._demand(), self.models, self._holds):
+            slot.next = target
+        for slot in self.slots:
+            if slot.next is not None and slot.busy == 0:
+                await self._change(slot)
         now = time.monotonic()
         for slot in self.slots:
             if not slot.draining:
                 self._admit(slot, now)
-        for slot in self.slots:
-            if slot.draining and slot.running == 0:
-                await self._swap(slot)
-        while (model := self._oldest_unserved()) is not None and (free := self._free_slot(now)) is not None:
-            free.next_model = model
-            if free.running == 0:
-                await self._swap(free)
+
+    def _demand(self) -> Demand:
+        oldest = {model: queue[0].arrived for model, queue in self.queues.items() if queue}
+        return Demand(time.monotonic(), oldest, dict(self.last_arrival))
 
     def _admit(self, slot: Slot, now: float) -> None:
-        """Admit queued requests whose model's weights this slot holds, up to max_num_seqs running.
+        """Admit queued requests this slot serves, up to max_num_seqs running.
 
         The rest wait in the bounded queue, so an overload is answered 429 instead of piling up in the engine.
         """
-        for model, queue in self.queues.items():
-            while queue and self._holds(slot, model) and slot.running < self.settings.max_num_seqs:
-                if slot.running == 0 and self._oldest_unserved() is None:
+        for name, queue in self.queues.items():
+            model = self.models.get(name)
+            while queue and model is not None and self._holds(slot, model) and slot.busy < self.settings.max_num_seqs:
+                if slot.busy == 0 and not self._unserved_waiting():
                     slot.busy_since = now  # the slice restarts only while no other model waits
                 ticket = queue.popleft()
-                slot.running += 1
-                ticket.admitted.set_result(slot)
+                slot.running[name] += 1
+                ticket.admitted.set_result((slot, model))
         self._update_gauges()
 
-    def _holds(self, slot: Slot, model: str) -> bool:
-        return model in self.models and slot.weights == self.models[model]
+    def _holds(self, slot: Slot, model: ServedModel) -> bool:
+        """The slot's target serves `model` and its engine holds the weights that target needs now."""
+        return slot.target.serves(model) and slot.weights == slot.target.mode.weights(slot.target.holder, self.models)
 
-    def _oldest_unserved(self) -> str | None:
-        """The model with the longest-waiting request that no slot serves or is draining for."""
-        claimed = {slot.next_model for slot in self.slots}
-        served = {m for m in self.models for s in self.slots if not s.draining and self._holds(s, m)}
-        heads = [(q[0].arrived, m) for m, q in self.queues.items() if q and m not in claimed | served]
-        return min(heads)[1] if heads else None
+    def _unserved_waiting(self) -> bool:
+        return any(
+            name in self.models and not any(not s.draining and self._holds(s, self.models[name]) for s in self.slots)
+            for name, queue in self.queues.items()
+            if queue
+        )
 
-    def _free_slot(self, now: float) -> Slot | None:
-        """An idle slot (least recently used), else one whose time slice is over."""
-        open_slots = [s for s in self.slots if not s.draining]
-        idle = [s for s in open_slots if s.running == 0]
-        if idle:
-            return min(idle, key=lambda s: s.last_used)
-        expired = [s for s in open_slots if now - s.busy_since >= self.settings.time_slice_s]
-        return min(expired, key=lambda s: s.busy_since) if expired else None
-
-    def _seconds_to_next_deadline(self) -> float | None:
-        """When a busy slot's time slice ends, if someone is waiting for a slot."""
-        if self._oldest_unserved() is None:
-            return None
-        busy = [s.busy_since for s in self.slots if not s.draining and s.running > 0]
-        return max(0.0, min(busy) + self.settings.time_slice_s - time.monotonic()) if busy else None
-
-    async def _swap(self, slot: Slot) -> None:
-        """Load `slot.next_model`'s weights into the (empty) slot; on failure fail its queued requests."""
-        model, slot.next_model = slot.next_model, None
-        if model not in self.models:
+    async def _change(self, slot: Slot) -> None:
+        """Move the (empty) slot to its next target, loading the weights it needs; on failure fail its queue."""
+        target, slot.next = slot.next, None
+        if target is None or (target.holder is not None and target.holder not in self.models):
             return
-        weights, start = self.models[model], time.perf_counter()
+        weights, start = target.mode.weights(target.holder, self.models), time.perf_counter()
         try:
-            names = self.planner.names_of(weights)  # a bad or vanished file fails here, engine untouched
-            await self._load(slot, self.planner.plan(slot.names, weights), names)
+            if weights != slot.weights:
+                names = self.planner.names_of(weights)  # a bad or vanished file fails here, engine untouched
+                await self._load(slot, self.planner.plan(slot.names, weights), names)
+                metrics.SWAP_SECONDS.labels(model=target.holder or self.base_name).observe(time.perf_counter() - start)
         except Exception as err:
-            logger.error("swap to %s failed: %s", model, err)
-            self._fail_queue(model, err)
+            logger.error("changing to %s failed: %s", target.label, err)
+            if target.holder is not None:
+                self._fail_queue(target.holder, err)
             return
-        slot.model, slot.weights, slot.busy_since = model, weights, time.monotonic()
-        metrics.SWAP_SECONDS.labels(model=model).observe(time.perf_counter() - start)
-        self._admit(slot, time.monotonic())
+        slot.target, slot.weights = target, weights
+        slot.busy_since = slot.changed_at = time.monotonic()
+        logger.info("engine now holds %s", target.label)
 
     async def _load(self, slot: Slot, files: list, names: frozenset[str]) -> None:
         """Load into the engine; if that fails midway, put the base back for every name either side touched."""
@@ -290,7 +305,7 @@ class Scheduler:
             await slot.engine.load_weights(files)
         except Exception:
             await slot.engine.load_weights(self.planner.base.slices(slot.names | names))
-            slot.model, slot.weights, slot.names = self.base_name, None, frozenset()
+            slot.target, slot.weights, slot.names = self.policy.initial(self.base_name), None, frozenset()
             raise
         slot.names = names
 
@@ -299,9 +314,14 @@ class Scheduler:
             _fail(ticket, err)
         self._update_gauges()
 
+    def _observe_step(self, slot: Slot, adapters: int) -> None:
+        """Called by the engine after each forward: how many per-request adapters it carried."""
+        metrics.FORWARDS.labels(mode=slot.target.mode.name).inc()
+        metrics.ADAPTERS_PER_FORWARD.observe(adapters)
+
     def _update_gauges(self) -> None:
         metrics.REQUESTS_WAITING.set(sum(len(queue) for queue in self.queues.values()))
-        metrics.REQUESTS_RUNNING.set(sum(slot.running for slot in self.slots))
+        metrics.REQUESTS_RUNNING.set(sum(slot.busy for slot in self.slots))
         metrics.RESIDENT_MODELS.set(len({slot.weights for slot in self.slots}))
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
 from merger.demo import build_demo_model
 from merger.merge import merge
+from merger.per_request import write_per_request_form
 from service.merging import keep_fused_tensors
 from service.settings import Settings
 from tests.support.adapters import write_random_adapter
@@ -55,14 +57,23 @@ def demo_dir() -> Path:
     return build_demo_model(Settings().cache_dir)
 
 
-def fused_adapter(base: Path, root: Path, name: str, targets: list[str], seed: int) -> tuple[Path, Path]:
-    """(merged checkpoint, fused tensors file) of a random D²-LoRA adapter, as the registry keeps them."""
+class ServedFiles(NamedTuple):
+    """What the registry keeps of one adapter, and the merger's whole merged checkpoint (the reference)."""
+
+    merged: Path  # merged checkpoint folder
+    fused: Path  # fused target tensors (merged mode)
+    form: Path  # per-request form folder (batched mode)
+
+
+def fused_adapter(base: Path, root: Path, name: str, targets: list[str], seed: int) -> ServedFiles:
+    """A random D²-LoRA adapter merged, its fused tensors kept, its per-request form written."""
     adapter = write_random_adapter(root / f"{name}-adapter", base, seed=seed, scale=0.2, targets=targets)
     merged = root / f"{name}-merged"
     merge(base, adapter, merged, progress=False)
     keys = tuple(sorted(f"{key}.weight" for key in _fused_modules(merged)))
     keep_fused_tensors(merged, keys, root / f"{name}.safetensors")
-    return merged, root / f"{name}.safetensors"
+    write_per_request_form(base, adapter, root / f"{name}-form")
+    return ServedFiles(merged, root / f"{name}.safetensors", root / f"{name}-form")
 
 
 def _fused_modules(merged: Path) -> list[str]:
@@ -72,8 +83,8 @@ def _fused_modules(merged: Path) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def adapters(demo_dir, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
-    """name -> (merged checkpoint dir, fused tensors file)."""
+def adapters(demo_dir, tmp_path_factory) -> dict[str, ServedFiles]:
+    """name -> its merged checkpoint, fused tensors and per-request form."""
     root = tmp_path_factory.mktemp("adapters")
     return {name: fused_adapter(demo_dir, root, name, targets, seed) for name, (targets, seed) in ADAPTERS.items()}
 
@@ -82,7 +93,7 @@ def adapters(demo_dir, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
 def references(demo_dir, adapters) -> dict[str, list[str]]:
     """model name -> transformers greedy answers to PROMPTS on the merger's merged checkpoint (or the base)."""
     answers = {demo_dir.resolve().name: hf_greedy(demo_dir, PROMPTS, MAX_TOKENS)}
-    answers.update({name: hf_greedy(merged, PROMPTS, MAX_TOKENS) for name, (merged, _) in adapters.items()})
+    answers.update({name: hf_greedy(files.merged, PROMPTS, MAX_TOKENS) for name, files in adapters.items()})
     return answers
 
 
@@ -100,15 +111,15 @@ def engine_settings(engine: str, **overrides) -> Settings:
     return Settings(**{**fields, **overrides})
 
 
-def _start_scheduler(event_loop_thread, demo_dir, adapters, engine: str):
+def _start_scheduler(event_loop_thread, demo_dir, adapters, engine: str, **overrides):
     from service.engines import engine_factory
     from service.scheduling.scheduler import Scheduler
 
     async def start():
-        settings = engine_settings(engine)
+        settings = engine_settings(engine, **overrides)
         scheduler = await Scheduler.create(settings, demo_dir, engine_factory(settings))
-        for name, (_, fused) in adapters.items():
-            await scheduler.add_model(name, fused)
+        for name, files in adapters.items():
+            await scheduler.add_model(name, files.fused, files.form)
         return scheduler
 
     return event_loop_thread.run(start())
@@ -116,8 +127,9 @@ def _start_scheduler(event_loop_thread, demo_dir, adapters, engine: str):
 
 @pytest.fixture(scope="session")
 def vllm_scheduler(event_loop_thread, demo_dir, adapters):
-    """THE vLLM engine of the session, behind a scheduler serving the base and every adapter."""
-    scheduler = _start_scheduler(event_loop_thread, demo_dir, adapters, "vllm")
+    """THE vLLM engine of the session, behind a scheduler serving the base and every adapter: auto mode, so
+    mixed traffic is batched with per-request adapters and one adapter alone for a second gets merged weights."""
+    scheduler = _start_scheduler(event_loop_thread, demo_dir, adapters, "vllm", merged_after_s=1.0)
     yield scheduler
     event_loop_thread.run(scheduler.stop())
 
@@ -158,7 +170,7 @@ def live_server(demo_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def artifacts(adapters) -> dict[str, Path]:
     """name -> the D²-LoRA artifact folder behind each of ADAPTERS (what a user uploads)."""
-    return {name: merged.parent / f"{name}-adapter" for name, (merged, _) in adapters.items()}
+    return {name: files.merged.parent / f"{name}-adapter" for name, files in adapters.items()}
 
 
 @pytest.fixture(scope="session")

@@ -117,5 +117,5 @@ def test_a_removed_model_is_refused_and_a_readded_one_serves_again(event_loop_th
     event_loop_thread.run(scheduler.remove_model("o-mlp"))
     with pytest.raises(UnknownModelError):
         event_loop_thread.run(complete(scheduler, "o-mlp", PROMPTS[0]))
-    event_loop_thread.run(scheduler.add_model("o-mlp", adapters["o-mlp"][1]))
+    event_loop_thread.run(scheduler.add_model("o-mlp", adapters["o-mlp"].fused, adapters["o-mlp"].form))
     assert event_loop_thread.run(complete(scheduler, "o-mlp", PROMPTS[0]))[0][0] == references["o-mlp"][0]
