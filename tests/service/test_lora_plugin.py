@@ -38,15 +38,32 @@ def fake_distribution(root: Path) -> Path:
     return root
 
 
-@pytest.mark.slow
-def test_vllm_loads_the_plugin_through_its_entry_point(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}
+def probe_plugin(tmp_path: Path, enabled: bool) -> list[str]:
+    """What a fresh process that loads vLLM's general plugins finds patched."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_PLUGINS", "D2LORA_VLLM_PLUGIN")}
     env["PYTHONPATH"] = os.pathsep.join([str(fake_distribution(tmp_path)), str(REPO)])
+    if enabled:
+        env["D2LORA_VLLM_PLUGIN"] = "1"
     done = subprocess.run(
         [sys.executable, "-c", PROBE], env=env, cwd=REPO, capture_output=True, text=True, timeout=300, check=False
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split()[-3:] == ["True", "True", "service.engines.lora.punica.GroupedPunicaWrapper"]
+    return done.stdout.split()[-3:]
+
+
+@pytest.mark.slow
+def test_vllm_loads_the_plugin_through_its_entry_point(tmp_path):
+    assert probe_plugin(tmp_path, enabled=True) == [
+        "True",
+        "True",
+        "service.engines.lora.punica.GroupedPunicaWrapper",
+    ]
+
+
+@pytest.mark.slow
+def test_a_plain_vllm_in_the_same_environment_stays_stock(tmp_path):
+    installed, patched, wrapper = probe_plugin(tmp_path, enabled=False)
+    assert (installed, patched) == ("False", "False") and "GroupedPunicaWrapper" not in wrapper
 
 
 def test_the_installed_vllm_is_a_supported_one():
@@ -66,7 +83,7 @@ def test_another_vllm_is_refused_in_one_line_before_the_engine_starts(monkeypatc
 
 
 def request_with(adapter: AdapterRef | None) -> GenerationRequest:
-    return GenerationRequest("r", "hi", SamplingOptions(max_tokens=1), adapter)
+    return GenerationRequest("r", "hi", SamplingOptions(max_tokens=1), adapter=adapter)
 
 
 @pytest.mark.parametrize(
