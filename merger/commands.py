@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import get_args
 
 from merger.demo import default_cache_dir
-from merger.dtypes import OUTPUT_DTYPES
+from merger.dtypes import OutputDtype
 from merger.merge import DEFAULT_MAX_SHARD_BYTES, merge
 from merger.train.cli import add_demo_parsers
 
-DTYPE_CHOICES = tuple(OUTPUT_DTYPES)
+DTYPE_CHOICES = get_args(OutputDtype)
 
 
 def _parse_size(text: str) -> int:

@@ -1,8 +1,10 @@
-"""The streaming merge: base shards + adapter -> a standalone HF checkpoint.
+"""The streaming merge: base shards + adapter -> a standalone HF checkpoint, or just the fused tensors.
 
-Everything is validated before the first byte is written; output goes to a
-temporary sibling folder that is renamed into place only when complete, so a
-failed or interrupted merge leaves nothing at `out_dir`.
+`merge` writes the whole checkpoint; `fuse_into_file` writes only the tensors
+the adapter changes into one safetensors file (what the server swaps in over
+the base).  Everything is validated before the first byte is written; output
+goes to a temporary sibling that is renamed into place only when complete, so
+a failed or interrupted merge leaves nothing at its destination.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from merger.checkpoint import (
     CheckpointReader,
     ShardWriter,
     TensorSpec,
+    layer_of,
     plan_shards,
     shard_name,
     write_index,
@@ -33,7 +37,7 @@ from merger.checkpoint import (
 from merger.dtypes import OUTPUT_DTYPES, SAFETENSORS_DTYPES, SAFETENSORS_NAMES, dtype_name
 from merger.errors import D2LoraError
 from merger.formula import FusionError
-from merger.fs import PICKLE_WEIGHTS, WEIGHT_SUFFIXES, atomic_dir, write_atomic
+from merger.fs import PICKLE_WEIGHTS, WEIGHT_SUFFIXES, atomic_dir, atomic_file, write_atomic
 from merger.kinds import AdapterKind, ModuleAdapter
 
 DEFAULT_MAX_SHARD_BYTES = 2 << 30
@@ -55,6 +59,14 @@ class MergeResult:
     seconds: float
     fused_modules: int
     tensors: int
+    bytes_written: int
+
+
+@dataclasses.dataclass(frozen=True)
+class FuseResult:
+    out_file: Path
+    seconds: float
+    fused_modules: int
     bytes_written: int
 
 
@@ -160,17 +172,23 @@ def write_merged_shards(
     modules = {m.weight_key: m for m in bound}
     specs = [_output_spec(t.spec, dtype) for t in reader.tensors.values()]
     shards = plan_shards(specs, max_shard_bytes)
-    total = sum(s.nbytes for s in specs)
-    with tqdm(
-        total=total, unit="B", unit_scale=True, desc="merge", disable=None if progress is None else not progress
-    ) as bar:
+    left = Counter(layer_of(s.name) for s in specs)  # a layer is done when its last tensor is written
+    with layer_bar("merge", len(left), progress) as bar:
         for i, shard in enumerate(shards):
             with ShardWriter(out_dir / shard_name(i, len(shards)), shard) as writer:
                 for spec in shard:
                     _write_tensor(writer, reader, spec, modules.get(spec.name), kind)
-                    bar.update(spec.nbytes)
+                    layer = layer_of(spec.name)
+                    left[layer] -= 1
+                    if not left[layer]:
+                        bar.update()
     write_index(out_dir, shards)
-    return len(specs), total
+    return len(specs), sum(s.nbytes for s in specs)
+
+
+def layer_bar(desc: str, layers: int, progress: bool | None) -> tqdm:
+    """A progress bar counting layers; progress None: shown on a terminal only."""
+    return tqdm(total=layers, unit="layer", desc=desc, disable=None if progress is None else not progress)
 
 
 def check_float_targets(reader: CheckpointReader, bound: list[ModuleAdapter]) -> None:
@@ -227,3 +245,37 @@ def merge(
     finally:
         reader.close()
     return MergeResult(out_dir, time.perf_counter() - start, len(adapter.modules), tensors, nbytes)
+
+
+def fuse_into_file(
+    base_dir: str | Path,
+    adapter_path: str | Path,
+    out_file: str | Path,
+    dtype: str = "auto",
+    limits: ArchiveLimits = DEFAULT_LIMITS,
+    threads: int | None = MERGE_THREADS,
+) -> FuseResult:
+    """Fuse the adapter into the base tensors it targets and write those alone into one safetensors file.
+
+    The base is streamed (one tensor in memory at a time, in file order); out_file is replaced atomically
+    (merger.fs), so a failure leaves it as it was.  dtype as for `merge`.
+    """
+    start = time.perf_counter()
+    check_threads(threads)
+    target_dtype = resolve_dtype(dtype)
+    with CheckpointReader(base_dir) as reader:
+        adapter = Adapter.load(adapter_path, limits)
+        bound = adapter.bind(reader.shapes())
+        check_float_targets(reader, bound)
+        stored = reader.tensors
+        bound.sort(key=lambda m: (stored[m.weight_key].file, stored[m.weight_key].offset))
+        specs = [_output_spec(stored[m.weight_key].spec, target_dtype) for m in bound]
+        with (
+            atomic_file(out_file) as tmp,
+            ShardWriter(tmp, specs, exclusive=False) as writer,
+            intra_op_threads(threads),
+        ):
+            for module, spec in zip(bound, specs, strict=True):
+                fused = adapter.kind.fuse(reader.read(module.weight_key), module)  # fp32, stored layout
+                writer.write(spec.name, _cast_fused(fused, SAFETENSORS_DTYPES[spec.dtype], module))
+    return FuseResult(Path(out_file), time.perf_counter() - start, len(bound), sum(s.nbytes for s in specs))

@@ -1,22 +1,27 @@
-"""The fixed probe set of `d2lora verify` and the two ways a model is run on it.
+"""The fixed probe set of `d2lora verify` and the ways a model is run on it.
 
 Eight short, varied prompts (facts, code, arithmetic, a list, JSON, prose, a
 question; the eighth goes through the base's chat template when it has one),
-tokenized by the base's tokenizer and left-padded into one batch.  Both models
-are run (1) greedily for NEW_TOKENS tokens and (2) teacher-forced on the same
-token sequences (prompt + the reference's greedy continuation), so their
-logits are compared position by position on identical inputs.
+tokenized by the base's tokenizer and left-padded into one batch.  A model is
+run (1) greedily for NEW_TOKENS tokens with a KV cache and (2) teacher-forced on
+prompt + a given continuation, so two models' logits are compared position by
+position on identical inputs.  Each exists for a whole transformers model
+(greedy_continuations, teacher_forced_logits) and for merger.streaming's
+models stepping through the layers together (streamed_greedy,
+streamed_forced_hidden): the same calls, the same numbers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from merger.errors import D2LoraError
+from merger.streaming import StreamedModel, lockstep_layers
 
 NEW_TOKENS = 32
 PLAIN_PROMPTS = (
@@ -102,10 +107,77 @@ def greedy_continuations(model: nn.Module, probes: ProbeBatch, new_tokens: int =
     return torch.cat(tokens, dim=1)  # (probes, new_tokens)
 
 
+def forced_inputs(probes: ProbeBatch, continuation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt + continuation and its mask.  continuation: (probes, new) -> (probes, seq) twice"""
+    input_ids = torch.cat([probes.input_ids, continuation], dim=1)
+    return input_ids, torch.cat([probes.attention_mask, torch.ones_like(continuation)], dim=1)
+
+
 @torch.inference_mode()
 def teacher_forced_logits(model: nn.Module, probes: ProbeBatch, continuation: torch.Tensor) -> torch.Tensor:
     """Float32 logits at every non-pad position of prompt + continuation.  -> (positions, vocab)"""
-    input_ids = torch.cat([probes.input_ids, continuation], dim=1)  # (probes, seq)
-    mask = torch.cat([probes.attention_mask, torch.ones_like(continuation)], dim=1)  # (probes, seq)
+    input_ids, mask = forced_inputs(probes, continuation)  # (probes, seq)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask))
     return out.logits[mask.bool()].float()  # (probes, seq, vocab) -> (positions, vocab)
+
+
+def continuation_top1(logits: torch.Tensor, probes: ProbeBatch, continuation: torch.Tensor) -> torch.Tensor:
+    """The model's own next token at each step of a teacher-forced continuation.  (positions, vocab) -> (probes, new)
+
+    Column t is its argmax after prompt + continuation[:, :t]: where every earlier column equals the
+    continuation, that is the token its own greedy decode picks next.
+    """
+    _, mask = forced_inputs(probes, continuation)  # (probes, seq)
+    top1 = torch.full(mask.shape, -1, dtype=torch.long)
+    top1[mask.bool()] = logits.argmax(dim=-1)
+    first = probes.input_ids.shape[1] - 1  # left-padded: every prompt ends in this column
+    return top1[:, first : first + continuation.shape[1]]
+
+
+AfterLayer = Callable[[int], None]
+
+
+@torch.inference_mode()
+def streamed_greedy(
+    models: Sequence[StreamedModel],
+    probes: ProbeBatch,
+    new_tokens: int = NEW_TOKENS,
+    after_layer: AfterLayer | None = None,
+) -> list[torch.Tensor]:
+    """greedy_continuations for each model, the models stepping through the layers together.  -> [(probes, new)]"""
+    mask = probes.attention_mask  # (probes, seq)
+    steps = [probes.input_ids] * len(models)  # [(probes, seq)], then [(probes, 1)]
+    caches: list[object | None] = [None] * len(models)
+    positions = position_ids(mask)
+    tokens: list[list[torch.Tensor]] = [[] for _ in models]
+    for _ in range(new_tokens):
+        captured = [
+            m.capture(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+            for m, ids, cache in zip(models, steps, caches, strict=True)
+        ]
+        hidden = lockstep_layers(models, captured, after_layer)  # [(probes, seq, hidden)]
+        steps = [m.logits(h[:, -1]).argmax(dim=-1, keepdim=True) for m, h in zip(models, hidden, strict=True)]
+        caches = [c.cache for c in captured]
+        for chosen, step in zip(tokens, steps, strict=True):
+            chosen.append(step)
+        mask = torch.cat([mask, torch.ones_like(steps[0])], dim=1)
+        positions = position_ids(mask)[:, -1:]
+    return [torch.cat(chosen, dim=1) for chosen in tokens]
+
+
+@torch.inference_mode()
+def streamed_forced_hidden(
+    models: Sequence[StreamedModel],
+    probes: ProbeBatch,
+    continuations: Sequence[torch.Tensor],
+    after_layer: AfterLayer | None = None,
+) -> list[torch.Tensor]:
+    """Each model teacher-forced on prompt + its continuation, together; the last hidden states at every
+    non-pad position (StreamedModel.logits turns them into teacher_forced_logits).  -> [(positions, hidden)]"""
+    forced = [forced_inputs(probes, c) for c in continuations]
+    captured = [
+        m.capture(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
+        for m, (ids, mask) in zip(models, forced, strict=True)
+    ]
+    hidden = lockstep_layers(models, captured, after_layer)  # [(probes, seq, hidden)]
+    return [h[mask.bool()] for h, (_, mask) in zip(hidden, forced, strict=True)]

@@ -2,17 +2,19 @@
 
 Metric definitions (the reference is the unmerged adapter in float32; the
 merged model runs in the dtype its checkpoint holds; "positions" are every
-non-pad token position of the eight probes, prompt plus the reference's 32
+non-pad token position of the eight probes, prompt plus the merged model's 32
 greedy tokens, teacher-forced in both models):
 
 - max_abs_logit_diff    max over positions and vocabulary of |z_merged − z_ref|
 - relative_logit_error  max_abs_logit_diff / max |z_ref|  (same positions and vocabulary)
 - mean_kl               mean over positions of KL(softmax z_ref ‖ softmax z_merged), nats, float64
 - top1_agreement        fraction of positions where argmax z_merged == argmax z_ref
-- greedy_agreement      each model decodes 32 tokens greedily from each probe on its own; a probe
-                        scores the number of tokens before its first divergence (32 when none), and
+- greedy_agreement      each model decoding 32 tokens greedily from each probe on its own, a probe
+                        scores the number of tokens before their first divergence (32 when none), and
                         greedy_agreement = the sum over probes / (probes × 32).  Tokens after a
-                        divergence are not compared: they follow different prefixes.
+                        divergence are not compared: they follow different prefixes.  Only the merged
+                        model decodes: the reference's top-1 along that path is its own greedy choice
+                        up to the first step where it differs from the path, which is that divergence.
 - weight error          per adapted module, max |W_merged − Ŵ| where Ŵ is recomputed in float64
                         from the base tensor and the factors; "relative" divides by max |Ŵ|
 - max_untouched_abs_diff  max |W_merged − W0 cast to the merged dtype| over every other tensor
@@ -142,6 +144,7 @@ class EquivalenceReport:
     thresholds: Thresholds
     seconds: float
     dtype_floor: LogitMetrics | None = None  # the base without adapter, float32 vs the merged dtype
+    worst_untouched: str | None = None  # the untouched tensor with the largest |Δ| (None: every one is equal)
     failures: tuple[str, ...] = ()
 
     @property
@@ -157,6 +160,13 @@ class EquivalenceReport:
             return 0.0 if self.dtype_floor is None else self.dtype_floor.top1_agreement - self.logits.top1_agreement
         return getattr(self.logits, name)
 
+    def where(self, name: str) -> str | None:
+        """The tensor or module a weight metric's value comes from."""
+        if name == "max_relative_weight_error":
+            worst = self.worst_module()
+            return None if worst is None else worst[0]
+        return self.worst_untouched if name == "max_untouched_abs_diff" else None
+
     def judged(self) -> EquivalenceReport:
         """A copy with `failures` filled in from the thresholds."""
         failures = list(self.tensor_name_problems)
@@ -164,7 +174,9 @@ class EquivalenceReport:
             limit = getattr(self.thresholds, check.threshold)
             value = self.metric(check.metric)
             if limit is not None and not (math.isfinite(value) and check.passes(value, limit)):
-                failures.append(f"{check.metric} = {value:.6g}, required {check.symbol} {limit:.6g}")
+                where = self.where(check.metric)
+                at = f" in {where}" if where else ""
+                failures.append(f"{check.metric} = {value:.6g}{at}, required {check.symbol} {limit:.6g}")
         return dataclasses.replace(self, failures=tuple(failures))
 
     def worst_module(self) -> tuple[str, WeightError] | None:
@@ -220,9 +232,10 @@ class EquivalenceReport:
 
     def _weight_lines(self) -> list[str]:
         worst = self.worst_module()
+        worst_untouched = f" ({self.worst_untouched})" if self.worst_untouched else ""
         lines = [
             f"  weights: {len(self.weight_errors)} adapted modules, "
-            f"untouched tensors max |Δ| {self.max_untouched_abs_diff:.3e}"
+            f"untouched tensors max |Δ| {self.max_untouched_abs_diff:.3e}{worst_untouched}"
         ]
         if worst is not None:
             name, err = worst

@@ -44,7 +44,9 @@ class UnmergedLinear(nn.Module):
         super().__init__()
         self.kind, self.recompute_scale, self.fan_in_fan_out = kind, recompute_scale, adapter.fan_in_fan_out
         self.weight, self.bias = base.get_parameter("weight"), getattr(base, "bias", None)
-        factors = {name: t.to(self.weight.device, formula.COMPUTE_DTYPE) for name, t in adapter.factors.items()}
+        # a weight on meta is materialised before each forward (merger.streaming): the factors stay on the CPU
+        device = "cpu" if self.weight.is_meta else self.weight.device
+        factors = {name: t.to(device, formula.COMPUTE_DTYPE) for name, t in adapter.factors.items()}
         self.adapter = dataclasses.replace(adapter, factors=factors)
         self.register_buffer("cached_scale", None if recompute_scale else self.compute_row_scale(), persistent=False)
 

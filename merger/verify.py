@@ -1,76 +1,67 @@
-"""`verify`: prove that a merged checkpoint computes what the unmerged adapter computes.
+"""`verify`: prove that a merged model computes what the unmerged adapter computes, a layer at a time.
 
-The reference is the base model in float32 with the adapter applied on the fly
-(merger.unmerged); the merged checkpoint runs in the dtype it was written in.
-Both run on the fixed probe set of merger.probes; the merged weights are also
-checked tensor by tensor against Ŵ recomputed in float64.  Metric definitions
-and default thresholds are in merger.report.
+The reference is the base in float32 with the adapter applied on the fly (merger.unmerged); the
+merged model runs in the dtype its tensors hold.  Both are read from their checkpoints a layer at
+a time (merger.streaming), so memory stays about one layer whatever the model's size:
 
-A library call (the service uses it): importing this module loads no model,
-and each call frees its models before it returns.
+1. the merged model decodes NEW_TOKENS greedy tokens per probe with a KV cache: its greedy path;
+2. both models are teacher-forced along that path, stepping through the layers together; while a
+   layer's tensors are mapped they are also checked, adapted weights against Ŵ in float64 and every
+   other tensor against the base (merger.tensorcheck).
+
+At each step of the path the unmerged model's top-1 is what its own greedy decode would pick as
+long as the path so far is its own, so the first step where that top-1 differs from the path is
+where the two greedy decodes part: one decode is enough.  A reduced-precision merge is also judged
+against the dtype floor, the base alone in float32 vs that dtype run the same way in the same
+passes (or read from a merger.floors.FloorCache).  Metric definitions and thresholds: merger.report.
+
+The merged model is a merged checkpoint folder (`merged_dir`), a file of fused tensors over the base
+(`fused`: what the server keeps), or, with neither, the adapter fused into a temporary file.
+A library call (the service uses it): importing this module loads no model.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
 
-from merger import formula
+from merger.archive import DEFAULT_LIMITS, ArchiveLimits
 from merger.artifact import Adapter
-from merger.checkpoint import CheckpointReader, checkpoint_shapes
+from merger.checkpoint import CheckpointReader, StoredTensor, file_tensors
 from merger.dtypes import SAFETENSORS_DTYPES, dtype_name
 from merger.errors import D2LoraError
-from merger.kinds import AdapterKind, ModuleAdapter
-from merger.merge import merge, resolve_dtype
+from merger.floors import FloorCache, floor_key
+from merger.kinds import ModuleAdapter
+from merger.merge import fuse_into_file, layer_bar, resolve_dtype
 from merger.probes import (
     NEW_TOKENS,
     ProbeBatch,
     build_probes,
-    greedy_continuations,
+    continuation_top1,
     load_tokenizer,
-    teacher_forced_logits,
+    streamed_forced_hidden,
+    streamed_greedy,
 )
-from merger.report import EquivalenceReport, LogitMetrics, Thresholds, WeightError
-from merger.unmerged import load_unmerged
+from merger.report import EquivalenceReport, LogitMetrics, Thresholds
+from merger.streaming import StreamedModel, StreamError, TensorPool
+from merger.tensorcheck import TensorChecks, tensor_name_problems
 
 REFERENCE_DTYPE = torch.float32
 REFERENCE_NAME = "float32"
+POSITION_BLOCK = 16  # logit metrics go this many positions at a time (their float64 temporaries: positions × vocab)
 
 
 class VerifyError(D2LoraError):
-    """verify cannot run (bad arguments, a merged folder that does not fit the base)."""
+    """verify cannot run (bad arguments, a merged model that does not fit the base)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelRun:
-    """What one model produced on the probes."""
-
-    greedy: torch.Tensor  # (probes, new_tokens)
-    logits: torch.Tensor  # (positions, vocab) float32
-
-
-def _run_reference(base_dir: Path, adapter: Adapter, probes: ProbeBatch) -> ModelRun:
-    model = load_unmerged(base_dir, adapter, REFERENCE_DTYPE)
-    greedy = greedy_continuations(model, probes)
-    return ModelRun(greedy, teacher_forced_logits(model, probes, greedy))
-
-
-def _run_checkpoint(
-    folder: Path, dtype: torch.dtype, probes: ProbeBatch, forced: torch.Tensor | None = None
-) -> ModelRun:
-    """A plain checkpoint's greedy tokens, and its logits on `forced` (default: its own greedy tokens)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
-    greedy = greedy_continuations(model, probes)
-    return ModelRun(greedy, teacher_forced_logits(model, probes, greedy if forced is None else forced))
+# metrics (merger.report defines them)
 
 
 def first_divergence(reference: torch.Tensor, merged: torch.Tensor) -> list[int | None]:
@@ -81,96 +72,87 @@ def first_divergence(reference: torch.Tensor, merged: torch.Tensor) -> list[int 
 
 def mean_kl(reference: torch.Tensor, merged: torch.Tensor) -> float:
     """Mean over positions of KL(p_ref ‖ p_merged), float64.  (positions, vocab) -> float"""
-    log_ref = torch.log_softmax(reference.double(), dim=-1)
-    log_merged = torch.log_softmax(merged.double(), dim=-1)
-    return float((log_ref.exp() * (log_ref - log_merged)).sum(dim=-1).mean())
+    total = torch.zeros((), dtype=torch.float64)
+    for ref, other in zip(reference.split(POSITION_BLOCK), merged.split(POSITION_BLOCK), strict=True):
+        log_ref = torch.log_softmax(ref.double(), dim=-1)
+        log_merged = torch.log_softmax(other.double(), dim=-1)
+        total += (log_ref.exp() * (log_ref - log_merged)).sum()
+    return float(total / reference.shape[0])
 
 
-def logit_metrics(reference: ModelRun, merged: ModelRun) -> LogitMetrics:
-    diff = (merged.logits - reference.logits).abs().max().item()
-    divergence = first_divergence(reference.greedy, merged.greedy)
-    new_tokens = reference.greedy.shape[1]
+def logit_metrics(
+    reference: torch.Tensor, merged: torch.Tensor, divergence: Sequence[int | None], new_tokens: int
+) -> LogitMetrics:
+    """reference, merged: (positions, vocab) float32 on the same inputs; divergence: first_divergence per probe."""
+    worst, largest = torch.zeros(()), torch.zeros(())  # torch.maximum keeps a NaN
+    agreeing = 0
+    for ref, other in zip(reference.split(POSITION_BLOCK), merged.split(POSITION_BLOCK), strict=True):
+        worst = torch.maximum(worst, (other - ref).abs().max())
+        largest = torch.maximum(largest, ref.abs().max())
+        agreeing += int((other.argmax(-1) == ref.argmax(-1)).sum())
     agreed = sum(new_tokens if d is None else d for d in divergence)
     return LogitMetrics(
-        positions=reference.logits.shape[0],
-        max_abs_logit_diff=diff,
-        relative_logit_error=diff / reference.logits.abs().max().item(),
-        mean_kl=mean_kl(reference.logits, merged.logits),
-        top1_agreement=(merged.logits.argmax(-1) == reference.logits.argmax(-1)).double().mean().item(),
+        positions=reference.shape[0],
+        max_abs_logit_diff=worst.item(),
+        relative_logit_error=(worst / largest).item(),
+        mean_kl=mean_kl(reference, merged),
+        top1_agreement=agreeing / reference.shape[0],
         greedy_agreement=agreed / (len(divergence) * new_tokens),
         greedy_first_divergence=tuple(divergence),
     )
 
 
-def effective_weight_float64(w0_stored: torch.Tensor, kind: AdapterKind, module: ModuleAdapter) -> torch.Tensor:
-    """Ŵ in float64, torch layout: the unmerged forward evaluated on the identity.  -> (out, in)
-
-    With x = I, W0 x and ΔW x (the kind's low-rank branch) are exact columns of
-    W0 and ΔW, so formula.combine_outputs gives Ŵᵀ without the merge's code path.
-    """
-    w0 = (w0_stored.T if module.fan_in_fan_out else w0_stored).to(torch.float64)  # (out, in)
-    identity = torch.eye(w0.shape[1], dtype=torch.float64)  # (in, in)
-    delta_t = kind.delta_forward(identity, module)  # (in, out) = ΔWᵀ
-    row_scale = kind.row_scale(w0.to(formula.COMPUTE_DTYPE), kind.delta(module), module)  # (out, 1) or None
-    return formula.combine_outputs(w0.T, delta_t, row_scale, kind.add_residual).T  # (out, in)
+# the merged model's tensors
 
 
-def _module_error(
-    base: CheckpointReader, merged: CheckpointReader, kind: AdapterKind, module: ModuleAdapter
-) -> WeightError:
-    expected = effective_weight_float64(base.read(module.weight_key), kind, module)  # (out, in)
-    stored = merged.read(module.weight_key).to(torch.float64)
-    actual = stored.T if module.fan_in_fan_out else stored  # (out, in)
-    if actual.shape != expected.shape:
-        return WeightError(float("inf"), float("inf"))
-    max_abs = (actual - expected).abs().max().item()
-    return WeightError(max_abs, max_abs / max(expected.abs().max().item(), torch.finfo(torch.float64).tiny))
+@dataclasses.dataclass(frozen=True)
+class MergedSource:
+    tensors: Mapping[str, StoredTensor]  # checkpoint name -> where it is stored
+    config_dir: Path  # the config.json its model is built from
+    label: str | None  # what the report names (None: a temporary fuse)
 
 
-def weight_errors(
-    base: CheckpointReader, merged: CheckpointReader, kind: AdapterKind, bound: list[ModuleAdapter]
-) -> dict[str, WeightError]:
-    return {m.path: _module_error(base, merged, kind, m) for m in bound}
-
-
-def tensor_name_problems(base: CheckpointReader, merged: CheckpointReader) -> tuple[str, ...]:
-    problems = []
-    for label, names in (
-        ("missing from", base.tensors.keys() - merged.tensors.keys()),
-        ("not in the base but in", merged.tensors.keys() - base.tensors.keys()),
-    ):
-        if names:
-            problems.append(f"{len(names)} tensors {label} the merged checkpoint, e.g. {sorted(names)[0]}")
-    return tuple(problems)
-
-
-def untouched_abs_diff(base: CheckpointReader, merged: CheckpointReader, adapted: set[str]) -> float:
-    """Max |merged − base cast to the merged dtype| over every tensor the adapter does not touch."""
-    worst = 0.0
-    for name in sorted((base.tensors.keys() & merged.tensors.keys()) - adapted):
-        stored = merged.read(name)
-        expected = base.read(name).to(stored.dtype)
-        if stored.shape != expected.shape:
-            return float("inf")
-        worst = max(worst, (stored.double() - expected.double()).abs().max().item() if stored.numel() else 0.0)
-    return worst
+def _overlay(base: Mapping[str, StoredTensor], fused: Path, base_dir: Path, label: str | None) -> MergedSource:
+    if not fused.is_file():
+        raise VerifyError(f"{fused}: no such file of fused tensors")
+    return MergedSource({**base, **file_tensors(fused)}, base_dir, label)
 
 
 @contextlib.contextmanager
-def merged_checkpoint(base_dir: Path, adapter_path: Path, merged_dir: Path | None, dtype: str) -> Iterator[Path]:
-    """The merged folder given, or a temporary merge deleted afterwards."""
+def merged_source(
+    base_dir: Path,
+    base: Mapping[str, StoredTensor],
+    adapter_path: Path,
+    merged_dir: Path | None,
+    fused: Path | None,
+    dtype: str,
+    limits: ArchiveLimits = DEFAULT_LIMITS,
+) -> Iterator[MergedSource]:
+    """The merged folder, the fused file over the base, or the adapter fused into a temporary file."""
+    if merged_dir is not None and fused is not None:
+        raise VerifyError("give a merged folder or a fused-tensors file, not both")
     if merged_dir is not None:
         if not merged_dir.is_dir():
             raise VerifyError(f"--merged: {merged_dir} is not a folder")
-        yield merged_dir
+        with CheckpointReader(merged_dir) as reader:
+            yield MergedSource(dict(reader.tensors), merged_dir, str(merged_dir))
+        return
+    if fused is not None:
+        yield _overlay(base, fused, base_dir, str(fused))
         return
     with tempfile.TemporaryDirectory(prefix="d2lora-verify-") as tmp:
-        yield merge(base_dir, adapter_path, Path(tmp) / "merged", dtype=dtype, progress=False).out_dir
+        written = fuse_into_file(base_dir, adapter_path, Path(tmp) / "fused.safetensors", dtype, limits).out_file
+        yield _overlay(base, written, base_dir, None)
 
 
-def stored_dtype(reader: CheckpointReader, bound: list[ModuleAdapter]) -> torch.dtype:
-    """The dtype the merged checkpoint holds its adapted weights in."""
-    return SAFETENSORS_DTYPES[reader.tensors[bound[0].weight_key].spec.dtype]
+def stored_dtype(source: MergedSource, bound: list[ModuleAdapter]) -> torch.dtype:
+    """The dtype the merged model holds its adapted weights in (every one must be there)."""
+    missing = [m.weight_key for m in bound if m.weight_key not in source.tensors]
+    if missing:
+        raise VerifyError(
+            f"{source.label or 'the fused tensors'}: the merged model lacks adapted tensor {missing[0]!r}"
+        )
+    return SAFETENSORS_DTYPES[source.tensors[bound[0].weight_key].spec.dtype]
 
 
 def check_requested_dtype(requested: str, actual: torch.dtype) -> None:
@@ -179,43 +161,67 @@ def check_requested_dtype(requested: str, actual: torch.dtype) -> None:
         raise VerifyError(f"--dtype: {requested} asked for, but the merged checkpoint holds {actual}")
 
 
-def _weight_checks(base_dir: Path, merged: CheckpointReader, adapter: Adapter, bound: list[ModuleAdapter]):
-    with CheckpointReader(base_dir) as base:
-        adapted = {m.weight_key for m in bound}
-        return (
-            weight_errors(base, merged, adapter.kind, bound),
-            untouched_abs_diff(base, merged, adapted),
-            tensor_name_problems(base, merged),
-        )
+# the probes, streamed
 
 
-def dtype_floor(base_dir: Path, dtype: torch.dtype, probes: ProbeBatch) -> LogitMetrics | None:
-    """What the dtype alone costs: the base without adapter, float32 vs dtype (None for float32)."""
-    if dtype == REFERENCE_DTYPE:
-        return None
-    reference = _run_checkpoint(base_dir, REFERENCE_DTYPE, probes)
-    gc.collect()
-    return logit_metrics(reference, _run_checkpoint(base_dir, dtype, probes, reference.greedy))
+@dataclasses.dataclass(frozen=True)
+class ProbeComparison:
+    path: torch.Tensor  # (probes, new): the merged model's greedy tokens
+    logits: LogitMetrics  # unmerged float32 vs merged, along `path`
+    floor: LogitMetrics | None  # the base alone, float32 vs the merged dtype (when asked for)
 
 
-def _logit_checks(
-    base_dir: Path, merged_dir: Path, adapter: Adapter, dtype: torch.dtype
-) -> tuple[LogitMetrics, LogitMetrics | None]:
-    probes = build_probes(load_tokenizer(base_dir))
-    reference = _run_reference(base_dir, adapter, probes)
-    gc.collect()  # each model is gone before the next one loads
-    merged = _run_checkpoint(merged_dir, dtype, probes, reference.greedy)
-    gc.collect()
-    return logit_metrics(reference, merged), dtype_floor(base_dir, dtype, probes)
+def _merged_model(source: MergedSource, dtype: torch.dtype, pool: TensorPool) -> StreamedModel:
+    try:
+        return StreamedModel(source.config_dir, source.tensors, dtype, pool)
+    except StreamError as err:
+        raise VerifyError(f"{source.label or 'the fused tensors'}: does not fit the base ({err})") from None
 
 
-def _checked_merged_reader(merged_dir: Path, bound: list[ModuleAdapter]) -> CheckpointReader:
-    reader = CheckpointReader(merged_dir)
-    missing = [m.weight_key for m in bound if m.weight_key not in reader.tensors]
-    if missing:
-        reader.close()
-        raise VerifyError(f"{merged_dir}: merged checkpoint lacks adapted tensor {missing[0]!r}")
-    return reader
+@torch.inference_mode()
+def _pair_metrics(
+    reference: StreamedModel, other: StreamedModel, hidden: Sequence[torch.Tensor], probes: ProbeBatch, path
+) -> LogitMetrics:
+    """Metrics of `other` against `reference`, teacher-forced along `other`'s greedy path."""
+    reference_logits = reference.logits(hidden[0])  # (positions, vocab)
+    divergence = first_divergence(continuation_top1(reference_logits, probes, path), path)
+    return logit_metrics(reference_logits, other.logits(hidden[1]), divergence, path.shape[1])
+
+
+def compare_on_probes(
+    base_dir: Path,
+    base: Mapping[str, StoredTensor],
+    source: MergedSource,
+    adapter: Adapter,
+    bound: list[ModuleAdapter],
+    dtype: torch.dtype,
+    probes: ProbeBatch,
+    with_floor: bool,
+    progress: bool | None = None,
+) -> tuple[ProbeComparison, TensorChecks]:
+    """The two streamed passes (greedy decode, then teacher-forced with the tensor checks), and their metrics."""
+    pool = TensorPool()
+    reference = StreamedModel(base_dir, base, REFERENCE_DTYPE, pool, adapter=adapter)
+    merged = _merged_model(source, dtype, pool)
+    floor_models = [StreamedModel(base_dir, base, d, pool) for d in (REFERENCE_DTYPE, dtype)] if with_floor else []
+    checks = TensorChecks(pool, base, source.tensors, adapter.kind, bound)
+    with layer_bar("verify", len(reference.layers) * (NEW_TOKENS + 1), progress) as bar:
+
+        def after_decoding_layer(index: int) -> None:
+            bar.update()
+
+        def after_layer(index: int) -> None:
+            checks.check({*reference.layer_keys(index), *merged.layer_keys(index)})
+            bar.update()
+
+        paths = streamed_greedy([merged, *floor_models[1:]], probes, NEW_TOKENS, after_decoding_layer)
+
+        continuations = [paths[0], paths[0]] + [paths[-1]] * len(floor_models)  # each pair along its own path
+        hidden = streamed_forced_hidden([reference, merged, *floor_models], probes, continuations, after_layer)
+    checks.check_rest()
+    logits = _pair_metrics(reference, merged, hidden[:2], probes, paths[0])
+    floor = _pair_metrics(floor_models[0], floor_models[1], hidden[2:], probes, paths[1]) if with_floor else None
+    return ProbeComparison(paths[0], logits, floor), checks
 
 
 def verify(
@@ -224,38 +230,57 @@ def verify(
     merged_dir: str | Path | None = None,
     dtype: str = "auto",
     thresholds: Thresholds | None = None,
+    fused: str | Path | None = None,
+    floor_cache: FloorCache | None = None,
+    progress: bool | None = None,
+    limits: ArchiveLimits = DEFAULT_LIMITS,
 ) -> EquivalenceReport:
-    """Compare the merged checkpoint (made here when merged_dir is None) with the unmerged adapter.
+    """Compare the merged model with the unmerged adapter on the probes and tensor by tensor.
 
-    dtype: the merge's output dtype ("auto" = the base's stored dtype); with merged_dir it
-    must match what that folder holds.  thresholds: default Thresholds.for_dtype(merged dtype).
+    merged_dir: a merged checkpoint folder; fused: a file of fused tensors over the base (merger.merge.
+    fuse_into_file); neither: the adapter is fused into a temporary file first.  dtype: the merge's
+    output dtype ("auto" = the base's stored dtype); with merged_dir or fused it must match what is
+    there.  thresholds: default Thresholds.for_dtype(merged dtype).  floor_cache: where the dtype
+    floor is kept between calls.  progress: a bar per layer (None: on a terminal only).  limits: what
+    the adapter artifact may unpack to.
     """
     start = time.perf_counter()
     base_dir, adapter_path = Path(base_dir), Path(adapter_path)
-    adapter = Adapter.load(adapter_path)
-    bound = adapter.bind(checkpoint_shapes(base_dir))
-    with merged_checkpoint(base_dir, adapter_path, Path(merged_dir) if merged_dir else None, dtype) as folder:
-        with _checked_merged_reader(folder, bound) as merged:
-            merged_dtype = stored_dtype(merged, bound)
-            check_requested_dtype(dtype, merged_dtype)
-            errors, untouched, name_problems = _weight_checks(base_dir, merged, adapter, bound)
-        logits, floor = _logit_checks(base_dir, folder, adapter, merged_dtype)
-    gc.collect()
-    report = EquivalenceReport(
-        base=str(base_dir),
-        adapter=str(adapter_path),
-        merged=str(merged_dir) if merged_dir else None,
-        kind=adapter.kind.name,
-        reference_dtype=REFERENCE_NAME,
-        merged_dtype=dtype_name(merged_dtype),
-        probes=len(logits.greedy_first_divergence),
-        new_tokens=NEW_TOKENS,
-        logits=logits,
-        weight_errors=errors,
-        max_untouched_abs_diff=untouched,
-        tensor_name_problems=name_problems,
-        thresholds=thresholds or Thresholds.for_dtype(merged_dtype),
-        seconds=time.perf_counter() - start,
-        dtype_floor=floor,
-    )
+    adapter = Adapter.load(adapter_path, limits)
+    with CheckpointReader(base_dir) as reader:
+        base = dict(reader.tensors)
+    bound = adapter.bind({name: t.spec.shape for name, t in base.items()})
+    probes = build_probes(load_tokenizer(base_dir))
+    merged_path, fused_path = (Path(p) if p else None for p in (merged_dir, fused))
+    with merged_source(base_dir, base, adapter_path, merged_path, fused_path, dtype, limits) as source:
+        merged_dtype = stored_dtype(source, bound)
+        check_requested_dtype(dtype, merged_dtype)
+        key = floor_key(base_dir, merged_dtype, probes) if floor_cache and merged_dtype != REFERENCE_DTYPE else None
+        floor = floor_cache.get(key) if floor_cache and key else None
+        with_floor = merged_dtype != REFERENCE_DTYPE and floor is None
+        comparison, checks = compare_on_probes(
+            base_dir, base, source, adapter, bound, merged_dtype, probes, with_floor, progress
+        )
+        if comparison.floor is not None:
+            floor = comparison.floor
+            if floor_cache and key:
+                floor_cache.put(key, base_dir, merged_dtype, floor)
+        report = EquivalenceReport(
+            base=str(base_dir),
+            adapter=str(adapter_path),
+            merged=source.label,
+            kind=adapter.kind.name,
+            reference_dtype=REFERENCE_NAME,
+            merged_dtype=dtype_name(merged_dtype),
+            probes=len(comparison.logits.greedy_first_divergence),
+            new_tokens=NEW_TOKENS,
+            logits=comparison.logits,
+            weight_errors=checks.sorted_weight_errors(),
+            max_untouched_abs_diff=checks.max_untouched_abs_diff,
+            tensor_name_problems=tensor_name_problems(base, source.tensors),
+            thresholds=thresholds or Thresholds.for_dtype(merged_dtype),
+            seconds=time.perf_counter() - start,
+            dtype_floor=floor,
+            worst_untouched=checks.worst_untouched,
+        )
     return report.judged()

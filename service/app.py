@@ -28,6 +28,7 @@ from service.errors import install_error_handlers
 from service.inference import InferenceHandler
 from service.management import AdapterManager
 from service.registry import AdapterRecord, Registry
+from service.replica import ReplicaHeaders, replica_name
 from service.routes import ROUTERS
 from service.scheduling.scheduler import Scheduler
 from service.settings import Settings
@@ -151,4 +152,10 @@ def create_app(settings: Settings) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
     app.add_middleware(RequestMetrics)
+    app.add_middleware(ReplicaHeaders, replica=replica_name(settings), resident=lambda: resident_models(app))
     return app
+
+
+def resident_models(app: FastAPI) -> list[str]:
+    inference = getattr(app.state, "inference", None)
+    return inference.scheduler.resident_models() if inference is not None else []

@@ -1,4 +1,6 @@
-"""Adapter uploads from request to registry: receive → validate → merge + verify (one at a time) → register.
+"""Adapter uploads from request to registry: receive → validate → fuse → verify (one at a time) → keep.
+
+The stages are service.merging's, each logged on one line with its seconds.
 
 Validation runs before any record exists, so a bad upload leaves the registry
 as it was.  The merge runs on a single worker thread (merges are serialised,
@@ -22,15 +24,18 @@ from fastapi import Request
 from merger.archive import CONFIG_NAME, WEIGHTS_NAME, ArchiveLimits
 from merger.checkpoint import checkpoint_shapes
 from merger.errors import D2LoraError
+from merger.floors import FloorCache
 from service import metrics
 from service.errors import storage_error
 from service.merging import (
-    FUSED_FILE,
+    FLOORS_DIR,
     CheckedAdapter,
     EquivalenceError,
     MergeOutcome,
+    UploadWork,
     check_adapter,
-    merge_and_verify,
+    logged_stage,
+    run_stages,
 )
 from service.protocol import APIError
 from service.registry import NAME_PATTERN, AdapterRecord, Registry
@@ -75,6 +80,7 @@ class AdapterManager:
         unpacked = settings.max_upload_bytes * ARCHIVE_EXPANSION  # what an archive may unpack to, all members
         self.limits = ArchiveLimits(max_member_bytes=unpacked, max_total_bytes=unpacked)
         self.base_shapes = checkpoint_shapes(base_dir)
+        self.floors = FloorCache(settings.data_dir / FLOORS_DIR)  # dtype floors: once per base and dtype
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="d2lora-merge")
         self.merging: set[str] = set()
         self.failure_status: dict[str, int] = {}  # name -> HTTP status of its last failed merge (one at a time)
@@ -87,7 +93,8 @@ class AdapterManager:
             name = check_name(upload.fields.get("name"))
             self._check_free(name, replace)
             artifact = assemble_artifact(upload.files, work_dir)
-            checked = await asyncio.to_thread(self._check, artifact)
+            with logged_stage(f"adapter {name}", "validate"):
+                checked = await asyncio.to_thread(self._check, artifact)
             self._check_free(name, replace)  # another upload may have taken the name meanwhile
         except BaseException:
             shutil.rmtree(work_dir, ignore_errors=True)
@@ -149,18 +156,14 @@ class AdapterManager:
         self, record: AdapterRecord, artifact: Path, work_dir: Path, checked: CheckedAdapter
     ) -> AdapterRecord:
         loop = asyncio.get_running_loop()
+        label = f"adapter {record.name} v{record.version}"
+        work = UploadWork(
+            self.base_dir, artifact, work_dir, checked, self.settings.merge_dtype, self.limits, self.floors, label
+        )
         try:
-            outcome = await loop.run_in_executor(
-                self.worker,
-                merge_and_verify,
-                self.base_dir,
-                artifact,
-                work_dir,
-                checked,
-                self.settings.merge_dtype,
-                self.limits,
-            )
-            return await self._ready(record, work_dir / FUSED_FILE, outcome)
+            outcome = await loop.run_in_executor(self.worker, run_stages, work)
+            with logged_stage(label, "keep"):
+                return await self._ready(record, work.fused_file, outcome)
         except EquivalenceError as err:
             return self._failed(record, str(err), err.report)
         except Exception as err:

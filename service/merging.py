@@ -1,13 +1,22 @@
-"""The blocking part of an upload, run in a worker thread: validate, merge, verify, keep the fused tensors.
+"""The blocking part of an upload: a short sequence of named stages, each logged on one line with its seconds.
 
-Nothing here touches the registry or the event loop; the caller turns the
-result (or the D2LoraError) into a record.
+    validate  the artifact against the served base (management runs it before any record exists)
+    fuse      the adapter fused into the base tensors it targets, written alone to work_dir/fused.safetensors
+    verify    that file over the base against the unmerged adapter (merger.verify, a layer at a time)
+    keep      the file moved into the registry and swapped in (management, on the event loop)
+
+WORKER_STAGES are the ones a worker thread runs, in order: adding a stage is adding a line there.
+A stage reads and writes the UploadWork the stages share; nothing here touches the registry or the
+event loop, and a failed stage leaves nothing half-written (every file goes through merger.fs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -16,11 +25,14 @@ from merger.archive import ArchiveLimits
 from merger.artifact import Adapter
 from merger.checkpoint import CheckpointReader
 from merger.errors import D2LoraError
+from merger.floors import FloorCache
 from merger.fs import save_atomic
-from merger.merge import merge
+from merger.merge import fuse_into_file
 
-MERGED_DIR = "merged"
+logger = logging.getLogger(__name__)
+
 FUSED_FILE = "fused.safetensors"
+FLOORS_DIR = "dtype_floors"  # under the data dir: merger.floors.FloorCache, shared by replicas
 
 
 class BaseMismatchError(D2LoraError):
@@ -84,23 +96,76 @@ def check_adapter(
 
 
 def keep_fused_tensors(merged_dir: Path, weight_keys: tuple[str, ...], out_file: Path) -> None:
-    """Copy only the changed tensors of the merged checkpoint into one safetensors file (atomically)."""
+    """Copy only the changed tensors of a merged checkpoint into one safetensors file (atomically)."""
     with CheckpointReader(merged_dir) as reader:
         tensors = {key: reader.read(key).contiguous() for key in weight_keys}
     save_atomic(out_file, lambda tmp: save_file(tensors, tmp))
 
 
-def merge_and_verify(
-    base_dir: Path, artifact: Path, work_dir: Path, checked: CheckedAdapter, dtype: str, limits: ArchiveLimits
-) -> MergeOutcome:
-    """Merge into work_dir, prove it equivalent, and leave work_dir/fused.safetensors."""
+@dataclasses.dataclass
+class UploadWork:
+    """What the worker's stages share: the upload, and what each stage leaves for the next."""
+
+    base_dir: Path
+    artifact: Path
+    work_dir: Path  # the upload's own folder; the fused file is left here
+    checked: CheckedAdapter
+    dtype: str  # the fused tensors' dtype (Settings.merge_dtype)
+    limits: ArchiveLimits
+    floors: FloorCache | None  # where dtype floors are kept (None: computed every time)
+    label: str  # "adapter NAME vN", for the log lines
+    equivalence: dict | None = None  # EquivalenceReport.to_dict(), once verified
+    max_abs_logit_diff: float | None = None
+
+    @property
+    def fused_file(self) -> Path:
+        return self.work_dir / FUSED_FILE
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[UploadWork], None]
+
+
+def fuse(work: UploadWork) -> None:
+    fuse_into_file(work.base_dir, work.artifact, work.fused_file, dtype=work.dtype, limits=work.limits)
+
+
+def verify_fused(work: UploadWork) -> None:
     from merger.verify import verify  # imports transformers: only in the worker
 
-    start = time.perf_counter()
-    merged_dir = work_dir / MERGED_DIR
-    merge(base_dir, artifact, merged_dir, dtype=dtype, progress=False, limits=limits)
-    report = verify(base_dir, artifact, merged_dir=merged_dir, dtype=dtype)
+    report = verify(work.base_dir, work.artifact, fused=work.fused_file, dtype=work.dtype, limits=work.limits,
+                    floor_cache=work.floors, progress=False)  # fmt: skip
     if not report.passed:
         raise EquivalenceError(f"merged and unmerged outputs disagree: {'; '.join(report.failures)}", report.to_dict())
-    keep_fused_tensors(merged_dir, checked.weight_keys, work_dir / FUSED_FILE)
-    return MergeOutcome(time.perf_counter() - start, report.to_dict(), report.logits.max_abs_logit_diff)
+    work.equivalence, work.max_abs_logit_diff = report.to_dict(), report.logits.max_abs_logit_diff
+
+
+WORKER_STAGES: tuple[Stage, ...] = (
+    Stage("fuse", fuse),
+    Stage("verify", verify_fused),
+)
+
+
+@contextlib.contextmanager
+def logged_stage(label: str, stage: str) -> Iterator[None]:
+    """One log line for one stage: its name and seconds (and whether it failed)."""
+    start = time.perf_counter()
+    try:
+        yield
+    except BaseException:
+        logger.info("%s: %s failed after %.2f s", label, stage, time.perf_counter() - start)
+        raise
+    logger.info("%s: %s %.2f s", label, stage, time.perf_counter() - start)
+
+
+def run_stages(work: UploadWork, stages: tuple[Stage, ...] = WORKER_STAGES) -> MergeOutcome:
+    """Every stage in order, in this thread; the outcome once verified, with work_dir/fused.safetensors left."""
+    start = time.perf_counter()
+    for stage in stages:
+        with logged_stage(work.label, stage.name):
+            stage.run(work)
+    if work.equivalence is None or work.max_abs_logit_diff is None:
+        raise RuntimeError(f"{work.label}: the stages {[s.name for s in stages]} never verified the fused tensors")
+    return MergeOutcome(time.perf_counter() - start, work.equivalence, work.max_abs_logit_diff)

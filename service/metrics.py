@@ -1,12 +1,21 @@
 """Every Prometheus metric of the service, in one table (SPEC §5).
 
+The last four carry vLLM's names, for inference gateways (Gateway API Inference Extension,
+llm-d) that route by them; they are set from the scheduler's state each time /metrics is read
+(`record_gateway_state`), so they are as fresh as the scrape.
+
 Import the objects from here; never create a metric anywhere else.  All live in
 one CollectorRegistry so an app (or a test) exposes exactly these series.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from service.scheduling.scheduler import SchedulerState
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -81,3 +90,29 @@ ADAPTERS_PER_FORWARD = Histogram(
 RESIDENT_MODELS = Gauge(
     "d2lora_resident_models", "Models whose weights are loaded in an engine now.", registry=REGISTRY
 )
+NUM_REQUESTS_WAITING = Gauge("vllm:num_requests_waiting", "Requests queued for their model's turn.", registry=REGISTRY)
+NUM_REQUESTS_RUNNING = Gauge("vllm:num_requests_running", "Requests admitted to an engine.", registry=REGISTRY)
+KV_CACHE_USAGE_PERC = Gauge(
+    "vllm:kv_cache_usage_perc",
+    "Fraction of KV-cache blocks in use, the fullest engine's (0 for an engine without a paged cache).",
+    registry=REGISTRY,
+)
+LORA_REQUESTS_INFO = Gauge(
+    "vllm:lora_requests_info",
+    "Adapters running (a resident merged model counts) and waiting, comma-separated; value: Unix time of the reading.",
+    ["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+    registry=REGISTRY,
+)
+
+
+def record_gateway_state(state: SchedulerState) -> None:
+    """Set the vLLM-named gauges from a SchedulerState; only the current adapter sets stay exported."""
+    NUM_REQUESTS_WAITING.set(state.waiting)
+    NUM_REQUESTS_RUNNING.set(state.running)
+    KV_CACHE_USAGE_PERC.set(state.kv_cache_usage)
+    LORA_REQUESTS_INFO.clear()
+    LORA_REQUESTS_INFO.labels(
+        max_lora=str(state.max_lora),
+        running_lora_adapters=",".join(state.running_adapters),
+        waiting_lora_adapters=",".join(state.waiting_adapters),
+    ).set_to_current_time()

@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     dtype: ComputeDtype = "float32"  # engine compute dtype (fp32 matches the merger bit-for-bit)
     kv_cache_gib: int = Field(default=2, gt=0)  # vLLM KV cache space (VLLM_CPU_KVCACHE_SPACE on CPU)
     gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)  # vLLM on a GPU only
+    tensor_parallel_size: int = Field(default=1, ge=1)  # GPUs one vLLM engine spans (vLLM's tensor_parallel_size)
     max_model_len: int | None = Field(default=None, gt=0)  # longest prompt + completion; None: the model's own
     max_num_seqs: int = Field(default=64, gt=0)  # sequences one engine decodes together
     max_resident: int = Field(default=1, gt=0)  # engines, each holding one model's weights (1 on CPU)

@@ -108,6 +108,11 @@ class Engine(abc.ABC):
         batching = self.per_request_adapters and self.settings.scheduler_mode != "merged"
         return self.settings.max_loras if batching else 0
 
+    def _notify_step(self, adapters: int) -> None:
+        """Tell the scheduler a forward ran, carrying `adapters` distinct per-request adapters."""
+        if self.step_observer is not None:
+            self.step_observer(adapters)
+
     def check_adapter(self, request: GenerationRequest) -> None:
         """Refuse a per-request adapter this engine cannot apply (it would otherwise serve other weights)."""
         if request.adapter is not None and not self.adapter_slots:
@@ -120,6 +125,11 @@ class Engine(abc.ABC):
     async def remove_adapter(self, adapter: AdapterRef) -> None:
         """Drop a cached per-request form (an adapter deleted or replaced)."""
         raise ValueError(f"the {self.name} engine does not apply per-request adapters ({adapter.name})")
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of the engine's paged KV cache in use; 0.0 for an engine without one (transformers)."""
+        return 0.0
 
     @abc.abstractmethod
     async def start(self, base_dir: Path) -> None: ...

@@ -83,6 +83,7 @@ class TransformersEngine(Engine):
                     return
                 async with self.step_lock:
                     logits, cache = await asyncio.to_thread(self._forward, input_ids, cache)
+                self._notify_step(0)
                 input_ids = next_tokens(logits, options, generator).unsqueeze(1)  # (n, 1)
                 last = step + 1 == budget
                 for index, choice in enumerate(choices):

@@ -119,14 +119,16 @@ class VllmEngine(Engine):
             max_model_len=resolve_max_model_len(s, base_dir),
             max_num_seqs=s.max_num_seqs,
             gpu_memory_utilization=s.gpu_memory_utilization,
+            tensor_parallel_size=s.tensor_parallel_size,
             worker_extension_cls=WORKER_EXTENSION,
             disable_log_stats=True,
             **self._lora_args(),
         )
 
-    def _notify_step(self, adapters: int) -> None:
-        if self.step_observer is not None:
-            self.step_observer(adapters)
+    @property
+    def kv_cache_usage(self) -> float:
+        """vLLM's own figure, from the SchedulerStats of its latest step (service/engines/vllm_stats.py)."""
+        return self.stats.kv_cache_usage
 
     def _lora_args(self) -> dict:
         s = self.settings

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.metrics import REGISTRY
+from service.metrics import REGISTRY, record_gateway_state
 from service.protocol import APIError
 
 router = APIRouter(tags=["operations"])
@@ -28,5 +28,8 @@ async def ready(request: Request) -> dict:
 
 
 @router.get("/metrics")
-async def prometheus_metrics() -> Response:
+async def prometheus_metrics(request: Request) -> Response:
+    inference = getattr(request.app.state, "inference", None)
+    if inference is not None:
+        record_gateway_state(inference.scheduler.state())
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

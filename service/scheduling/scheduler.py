@@ -61,6 +61,18 @@ class Ticket:
     admitted: asyncio.Future
 
 
+@dataclasses.dataclass(frozen=True)
+class SchedulerState:
+    """What the scheduler is doing now (a read-only snapshot, for the gateway metrics)."""
+
+    running: int  # requests admitted to an engine
+    waiting: int  # requests queued for their model's turn
+    running_adapters: tuple[str, ...]  # adapters resident as merged weights or with requests running (base excluded)
+    waiting_adapters: tuple[str, ...]  # adapters with queued requests
+    max_lora: int  # adapters the engines hold at once: 1 per merged slot, its adapter slots per batched one
+    kv_cache_usage: float  # the fullest engine's fraction of KV cache in use
+
+
 class Scheduler:
     def __init__(self, settings: Settings, base_dir: Path, engine_factory: Callable[[], Engine]):
         self.settings = settings
@@ -151,6 +163,23 @@ class Scheduler:
         """Stop serving `name`: its queued requests fail, running ones finish."""
         self.models.pop(name, None)
         self._fail_queue(name, UnknownModelError(f"the model {name!r} was removed"))
+
+    def state(self) -> SchedulerState:
+        adapters = set(self.models) - {self.base_name}
+        holders = {slot.target.holder for slot in self.slots if slot.target.holder is not None}
+        running = holders | {model for slot in self.slots for model, count in slot.running.items() if count}
+        return SchedulerState(
+            running=sum(slot.busy for slot in self.slots),
+            waiting=sum(len(queue) for queue in self.queues.values()),
+            running_adapters=tuple(sorted(running & adapters)),
+            waiting_adapters=tuple(sorted(m for m, queue in self.queues.items() if queue and m in adapters)),
+            max_lora=sum(slot.engine.adapter_slots if slot.target.holder is None else 1 for slot in self.slots),
+            kv_cache_usage=max((slot.engine.kv_cache_usage for slot in self.slots), default=0.0),
+        )
+
+    def resident_models(self) -> list[str]:
+        """The models whose weights are in an engine now: each merged slot's model, the base for batched ones."""
+        return sorted({slot.target.holder or self.base_name for slot in self.slots})
 
     @property
     def alive(self) -> bool:

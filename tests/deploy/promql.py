@@ -24,6 +24,19 @@ SPEC_METRICS = {
     "d2lora_merges_total": "counter",
     "d2lora_equivalence_max_abs_logit_diff": "gauge",
     "d2lora_resident_models": "gauge",
+    "d2lora_forwards_total": "counter",
+    "d2lora_adapters_per_forward": "histogram",
+    "vllm:num_requests_waiting": "gauge",  # vLLM's names, for inference gateways (SPEC §5, last paragraph)
+    "vllm:num_requests_running": "gauge",
+    "vllm:kv_cache_usage_perc": "gauge",
+    "vllm:lora_requests_info": "gauge",
+}
+# HAProxy's own exporter (docker/haproxy.cfg), the names the dashboard reads; tests/deploy/test_haproxy.py
+# checks a real HAProxy 2.6 serves each of them.
+HAPROXY_METRICS = {
+    "haproxy_server_status": "gauge",
+    "haproxy_server_current_sessions": "gauge",
+    "haproxy_server_http_responses_total": "counter",
 }
 HISTOGRAM_SERIES = ("_bucket", "_sum", "_count")
 

@@ -139,6 +139,16 @@ def dockerfile_env(instructions: list[Instruction]) -> dict[str, str]:
     return env
 
 
+def dockerfile_args(instructions: list[Instruction]) -> dict[str, str]:
+    """ARG NAME=default pairs of the given instructions (an ARG without a default maps to "")."""
+    args = {}
+    for ins in instructions:
+        if ins.keyword == "ARG":
+            name, _, default = ins.arguments.partition("=")
+            args[name.strip()] = default.strip()
+    return args
+
+
 def load_dashboard() -> dict:
     return json.loads(DASHBOARD.read_text())
 

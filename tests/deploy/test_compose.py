@@ -22,7 +22,6 @@ from tests.deploy.stack import (
     SERVICE_NAMES,
     SETTINGS_PREFIX,
     MissingVariable,
-    container_port,
     dockerfile_env,
     dockerfile_instructions,
     final_stage,
@@ -96,7 +95,7 @@ def test_the_service_reads_every_variable_it_is_given(api_services, env):
     assert given <= known, f"not service settings: {sorted(given - known)}"
 
 
-def test_published_port_is_the_port_the_service_listens_on(api_services):
+def test_replicas_expose_the_port_the_service_listens_on_and_publish_none(api_services):
     from service.settings import Settings
 
     image_env = dockerfile_env(final_stage(dockerfile_instructions()))
@@ -104,7 +103,8 @@ def test_published_port_is_the_port_the_service_listens_on(api_services):
         **{k.removeprefix(SETTINGS_PREFIX).lower(): v for k, v in image_env.items() if k.startswith(SETTINGS_PREFIX)}
     ).port
     for name, service in api_services.items():
-        assert [container_port(p) for p in service["ports"]] == [listens_on], name
+        assert [int(p) for p in service["expose"]] == [listens_on], name
+        assert "ports" not in service, f"{name}: a published port would stop `--scale` (HAProxy publishes the API)"
 
 
 def test_api_services_mount_the_data_and_models_volumes_where_the_image_keeps_them(api_services):

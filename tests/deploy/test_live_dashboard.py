@@ -1,7 +1,8 @@
-"""Every dashboard query returns data from a real Prometheus that scraped a live server under traffic.
+"""Every dashboard query returns data from a real Prometheus that scraped a live server and HAProxy under traffic.
 
 A tiny Llama is served by `d2lora serve` (the transformers engine: it starts in
-seconds, and every metric is recorded above the engine); two adapters are uploaded
+seconds, and every metric is recorded above the engine) behind HAProxy running
+docker/haproxy.cfg, and every request goes through HAProxy; two adapters are uploaded
 (merges, equivalence gauges), and waves of completions and chat requests hit
 the base and the adapters (swaps, tokens, latencies), one naming an unknown model
 (a 404: the error panels).  Prometheus scrapes between the waves, so rates are
@@ -22,8 +23,10 @@ import pytest
 from tests.deploy import live
 from tests.deploy.promql import to_promql
 from tests.deploy.stack import HEALTHCHECK_SCRIPT, REPO, dashboard_panels, load_dashboard
-from tests.prom import require_tool
 from tests.support.adapters import write_random_adapter
+from tests.support.live import ADMIN_TOKEN, serve
+from tests.support.replicas import haproxy
+from tests.support.tools import require_tool
 
 pytestmark = [
     pytest.mark.slow,
@@ -54,7 +57,7 @@ def upload(client: httpx.Client, base_dir, name: str, seed: int, work_dir) -> No
         "/adapters",
         data={"name": name},
         files=files,
-        headers={"Authorization": f"Bearer {live.ADMIN_TOKEN}"},
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
         timeout=300,
     )
     assert response.status_code == 201, response.text
@@ -71,16 +74,21 @@ def traffic_wave(client: httpx.Client, models: list[str]) -> None:
     assert client.post("/v1/completions", json={"model": "no-such-model", "prompt": PROMPT}).status_code == 404
 
 
+def scrape_targets(server_url: str, proxy) -> dict[str, str]:
+    return {"d2lora": server_url.removeprefix("http://"), "haproxy": proxy.metrics_url.split("/")[2]}
+
+
 @pytest.fixture(scope="module")
 def stack(tiny_base, tmp_path_factory):
     """(server URL, Prometheus URL) after the traffic has been scraped."""
-    binary = require_tool("prometheus")
+    binary, haproxy_binary = require_tool("prometheus"), require_tool("haproxy")
     work = tmp_path_factory.mktemp("live-dashboard")
     base_dir = tiny_base("llama")
     with (
-        live.serve(base_dir, work / "data", engine="transformers", **TINY_SERVER) as server_url,
-        live.prometheus(binary, server_url.removeprefix("http://"), work) as prom_url,
-        httpx.Client(base_url=server_url, timeout=120) as client,
+        serve(base_dir, work / "data", engine="transformers", **TINY_SERVER) as server_url,
+        haproxy(haproxy_binary, [server_url.removeprefix("http://")], work) as (proxy, _),
+        live.prometheus(binary, scrape_targets(server_url, proxy), work) as prom_url,
+        httpx.Client(base_url=proxy.url, timeout=120) as client,
     ):
         base_name = client.get("/v1/models").json()["data"][0]["id"]
         upload(client, base_dir, ADAPTERS[0], seed=1, work_dir=work)

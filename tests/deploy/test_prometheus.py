@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from tests.deploy.stack import ENV_EXAMPLE, PROMETHEUS_CONFIG, SERVICE_NAMES, load_compose, read_env_file
-from tests.prom import require_tool
+from tests.support.tools import require_tool
 
 METRICS_PATH = "/metrics"  # SPEC §4: GET /metrics
 
@@ -47,7 +47,7 @@ def test_finds_every_api_replica_by_its_network_alias_and_port(scrape_job, compo
     for name in SERVICE_NAMES:
         service = compose["services"][name]
         assert set(discovery["names"]) <= set(service["networks"]["default"]["aliases"]), name
-        assert [int(str(p).rsplit(":", 1)[-1]) for p in service["ports"]] == [discovery["port"]], name
+        assert [int(p) for p in service["expose"]] == [discovery["port"]], name
 
 
 def test_compose_mounts_this_config_where_prometheus_reads_it(compose):

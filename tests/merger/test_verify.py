@@ -7,12 +7,11 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from merger.artifact import Adapter
+from merger.checkpoint import CheckpointReader
 from merger.demo import build_demo_model
-from merger.merge import merge
 from merger.report import ThresholdError, Thresholds
 from merger.unmerged import UnmergedLinear, load_unmerged, model_shapes
 from merger.verify import verify
@@ -22,27 +21,6 @@ from tests.support.adapters import write_random_adapter
 
 KINDS = ("D2LORA", "LORA", "DORA")
 PROBE_IDS = torch.tensor([[5, 17, 40, 99, 200, 3, 8, 61], [12, 7, 250, 31, 9, 77, 140, 2]])  # (batch, seq)
-
-
-@pytest.fixture(scope="session")
-def adapter_dir(tiny_base, tmp_path_factory):
-    """Factory: adapter_dir(arch, kind, seed) -> a random adapter folder for the tiny base, built once."""
-    built = {}
-
-    def build(arch: str = "llama", kind: str = "D2LORA", seed: int = 0):
-        if (arch, kind, seed) not in built:
-            folder = tmp_path_factory.mktemp(f"adapter-{arch}-{kind}-{seed}")
-            built[arch, kind, seed] = write_random_adapter(folder, tiny_base(arch), kind, seed=seed)
-        return built[arch, kind, seed]
-
-    return build
-
-
-@pytest.fixture(scope="session")
-def merged_llama(tiny_base, adapter_dir, tmp_path_factory):
-    """The tiny llama base merged with the seed-0 D²-LoRA adapter, fp32."""
-    out = tmp_path_factory.mktemp("merged") / "llama-d2lora"
-    return merge(tiny_base("llama"), adapter_dir("llama", "D2LORA"), out, progress=False).out_dir
 
 
 @pytest.fixture(scope="session")
@@ -122,28 +100,35 @@ def test_verify_fails_when_the_merged_folder_holds_another_adapter(tiny_base, ad
     )
 
 
-def _perturbed_copy(merged_dir, dst, tensor_name: str, amount: float):
+def _tamper(merged_dir, dst, tensor_name: str, amount: float):
+    """A copy of the merged folder with one element of one tensor changed in place (the header untouched)."""
     shutil.copytree(merged_dir, dst)
-    shard = next(p for p in dst.glob("*.safetensors"))
-    tensors = load_file(shard)
-    tensors[tensor_name][0, 0] += amount
-    save_file(tensors, shard, metadata={"format": "pt"})
+    with CheckpointReader(dst) as reader:
+        stored = reader.tensors[tensor_name]
+        value = reader.read(tensor_name).reshape(-1)[:1] + amount  # (1,), stored dtype
+    with open(stored.file, "r+b") as f:
+        f.seek(stored.offset)
+        f.write(value.numpy().tobytes())
     return dst
 
 
 @pytest.mark.parametrize(
-    ("tensor_name", "failed_metric"),
+    ("tensor_name", "named", "failed_metric"),
     [
-        ("model.layers.1.self_attn.o_proj.weight", "max_relative_weight_error"),
-        ("model.layers.0.mlp.up_proj.weight", "max_untouched_abs_diff"),
+        ("model.layers.1.self_attn.o_proj.weight", "model.layers.1.self_attn.o_proj", "max_relative_weight_error"),
+        ("model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.up_proj.weight", "max_untouched_abs_diff"),
     ],
 )
-def test_verify_fails_on_a_perturbed_tensor(tiny_base, adapter_dir, merged_llama, tmp_path, tensor_name, failed_metric):
-    tampered = _perturbed_copy(merged_llama, tmp_path / "tampered", tensor_name, 1e-3)
-    report = verify(tiny_base("llama"), adapter_dir("llama", "D2LORA"), merged_dir=tampered)
-    assert not report.passed
-    assert any(reason.startswith(failed_metric) for reason in report.failures), report.failures
-    assert "FAIL" in report.summary()
+def test_cli_verify_names_a_tampered_tensor_and_exits_1(
+    tiny_base, adapter_dir, merged_llama, tmp_path, capsys, tensor_name, named, failed_metric
+):
+    tampered = _tamper(merged_llama, tmp_path / "tampered", tensor_name, 1e-3)
+    args = ["verify", "--base", str(tiny_base("llama")), "--adapter", str(adapter_dir("llama")), "--merged"]
+    assert main([*args, str(tampered)]) == 1
+    out = capsys.readouterr().out
+    failures = [line for line in out.splitlines() if line.strip().startswith("FAIL:")]
+    assert any(failed_metric in line and named in line for line in failures), out
+    assert main([*args, str(merged_llama)]) == 0
 
 
 def test_cli_verify_writes_the_json_report(tiny_base, adapter_dir, merged_llama, tmp_path, capsys):

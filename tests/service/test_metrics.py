@@ -9,9 +9,9 @@ import httpx
 import openai
 import pytest
 
-from tests.prom import require_tool
 from tests.service.conftest import MAX_TOKENS, PROMPTS
 from tests.support.live import API_KEY, free_port
+from tests.support.tools import require_tool
 
 SCRAPE_CONFIG = """\
 global:

@@ -126,6 +126,7 @@ def test_a_broken_form_is_refused_and_the_engine_serves_on(event_loop_thread, lo
     with pytest.raises(Exception, match="broken|safetensors|header"):
         event_loop_thread.run(lora_engine.add_adapter(AdapterRef("broken", 999, broken)))
     assert lora_engine.alive
-    assert event_loop_thread.run(answer(lora_engine, PROMPTS[0], models["dora-qv"]["ref"])) == (
-        models["dora-qv"]["answers"][0]
+    assert (
+        event_loop_thread.run(answer(lora_engine, PROMPTS[0], models["dora-qv"]["ref"]))
+        == (models["dora-qv"]["answers"][0])
     )

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -144,3 +145,29 @@ class LiveServer:
 
     def tmp_entries(self) -> list[str]:
         return sorted(p.name for p in (self.data_dir / "tmp").iterdir())
+
+
+ADMIN_TOKEN = "live-admin-token"
+
+
+@contextlib.contextmanager
+def serve(base_dir: Path, data_dir: Path, engine: str = "vllm", **settings: str) -> Iterator[str]:
+    """`d2lora serve` on a free port, `settings` as D2LORA_* variables, inference open; yields its URL once ready."""
+    with serve_process(base_dir, data_dir, data_dir.parent, engine, **settings) as server:
+        yield server.url
+
+
+@contextlib.contextmanager
+def serve_process(
+    base_dir: Path, data_dir: Path, log_dir: Path, engine: str = "vllm", **settings: str
+) -> Iterator[LiveServer]:
+    """As `serve`, logging into `log_dir`; yields the LiveServer (which a test may kill)."""
+    env = {f"D2LORA_{name.upper()}": value for name, value in settings.items()}
+    log_dir.mkdir(parents=True, exist_ok=True)
+    server = LiveServer(base_dir, data_dir, log_dir, engine, D2LORA_ADMIN_TOKEN=ADMIN_TOKEN, D2LORA_API_KEYS="",
+                        **env)  # fmt: skip
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,65 @@
+"""`fuse_into_file`: only the targeted tensors, exactly the merge's, written atomically; progress bars per layer."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from merger.checkpoint import CheckpointReader
+from merger.formula import FusionError
+from merger.fs import TMP_MARKER
+from merger.merge import fuse_into_file, merge
+from merger.verify import verify
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_the_fused_file_holds_exactly_the_merges_adapted_tensors(tiny_base, adapter_dir, tmp_path, arch, dtype):
+    base, adapter = tiny_base(arch), adapter_dir(arch)
+    merged = merge(base, adapter, tmp_path / "merged", dtype=dtype, progress=False).out_dir
+    result = fuse_into_file(base, adapter, tmp_path / "fused.safetensors", dtype=dtype)
+    fused = load_file(result.out_file)
+    with CheckpointReader(merged) as reader:
+        changed = {name for name in reader.tensors if name.endswith(".weight") and name.rsplit(".", 2)[-2] in
+                   ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "c_proj")}  # fmt: skip
+        assert set(fused) == changed and result.fused_modules == len(changed)
+        for name, tensor in fused.items():
+            assert torch.equal(tensor, reader.read(name)), name
+    assert [p.name for p in tmp_path.iterdir() if TMP_MARKER in p.name] == []
+
+
+def test_a_failing_fuse_leaves_the_old_file_and_no_temporary(tiny_base, adapter_dir, tmp_path):
+    """Ŵ overflows float16 half-way: the error names the module; what was at out_file is still there."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    source = adapter_dir("llama")
+    (adapter / "adapter_config.json").write_bytes((source / "adapter_config.json").read_bytes())
+    tensors = load_file(source / "adapter_model.safetensors")
+    tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"].mul_(1e7)
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    out = tmp_path / "fused.safetensors"
+    out.write_bytes(b"the previous file")
+    with pytest.raises(FusionError, match="layers.1.self_attn.v_proj.*float16"):
+        fuse_into_file(tiny_base("llama"), adapter, out, dtype="float16")
+    assert out.read_bytes() == b"the previous file"
+    assert [p.name for p in tmp_path.iterdir() if TMP_MARKER in p.name] == []
+
+
+def test_verify_from_a_fused_file_over_the_base(tiny_base, adapter_dir, tmp_path):
+    fused = fuse_into_file(tiny_base("llama"), adapter_dir("llama"), tmp_path / "fused.safetensors").out_file
+    report = verify(tiny_base("llama"), adapter_dir("llama"), fused=fused)
+    assert report.passed, report.summary()
+    assert report.merged == str(fused) and report.max_untouched_abs_diff == 0.0
+
+
+def test_merge_and_verify_show_a_bar_per_layer_on_a_terminal_only(tiny_base, adapter_dir, tmp_path, capsys):
+    base, adapter = tiny_base("llama"), adapter_dir("llama")  # 2 decoder layers, plus the tensors outside them
+    merge(base, adapter, tmp_path / "merged", progress=True)
+    verify(base, adapter, progress=True)
+    err = capsys.readouterr().err
+    assert re.search(r"merge: 100%.* 3/3 ", err) and re.search(rf"verify: 100%.* {2 * 33}/{2 * 33} ", err), err
+    merge(base, adapter, tmp_path / "again", progress=None)  # pytest's stderr is not a terminal
+    assert "merge:" not in capsys.readouterr().err

@@ -1,0 +1,70 @@
+"""The whole-model oracle of `d2lora verify`: its metrics with every model loaded whole by transformers.
+
+The same probes and merger.verify's own metric functions, but no streaming and no shortcut: the unmerged
+reference decodes its own greedy tokens too, so the first divergence is read off two real decodes
+rather than inferred from the reference's top-1 along the merged model's path.  And the streamed side:
+merger.verify's comparison of the same models, with the greedy path it decoded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from merger.artifact import Adapter
+from merger.checkpoint import CheckpointReader
+from merger.probes import NEW_TOKENS, build_probes, greedy_continuations, load_tokenizer, teacher_forced_logits
+from merger.report import LogitMetrics
+from merger.unmerged import load_unmerged
+from merger.verify import ProbeComparison, compare_on_probes, first_divergence, logit_metrics, merged_source
+
+
+@dataclasses.dataclass(frozen=True)
+class WholeRun:
+    path: torch.Tensor  # (probes, new): the merged model's greedy tokens
+    reference_greedy: torch.Tensor  # (probes, new): the unmerged model's own greedy tokens
+    logits: LogitMetrics
+
+
+def _compare_whole(reference: torch.nn.Module, merged: torch.nn.Module, probes) -> WholeRun:
+    path = greedy_continuations(merged, probes)
+    reference_greedy = greedy_continuations(reference, probes)
+    metrics = logit_metrics(
+        teacher_forced_logits(reference, probes, path),
+        teacher_forced_logits(merged, probes, path),
+        first_divergence(reference_greedy, path),
+        NEW_TOKENS,
+    )
+    return WholeRun(path, reference_greedy, metrics)
+
+
+def whole_model_run(base_dir: Path, adapter_dir: Path, merged_dir: Path, dtype: torch.dtype) -> WholeRun:
+    """Unmerged float32 vs the merged checkpoint in `dtype`, both loaded whole."""
+    probes = build_probes(load_tokenizer(base_dir))
+    reference = load_unmerged(base_dir, Adapter.load(adapter_dir))
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype).eval()
+    return _compare_whole(reference, merged, probes)
+
+
+def whole_model_floor(base_dir: Path, dtype: torch.dtype) -> WholeRun:
+    """The dtype floor: the base alone, float32 vs `dtype`, both loaded whole."""
+    probes = build_probes(load_tokenizer(base_dir))
+    reference = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    return _compare_whole(reference, AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).eval(), probes)
+
+
+def streamed_run(base_dir: Path, adapter_dir: Path, merged_dir: Path, dtype: torch.dtype) -> ProbeComparison:
+    """merger.verify's streamed comparison of the same two models (and the dtype floor below float32)."""
+    adapter = Adapter.load(adapter_dir)
+    with CheckpointReader(base_dir) as reader:
+        base = dict(reader.tensors)
+    bound = adapter.bind({name: t.spec.shape for name, t in base.items()})
+    probes = build_probes(load_tokenizer(base_dir))
+    with merged_source(base_dir, base, adapter_dir, merged_dir, None, "auto") as source:
+        comparison, _ = compare_on_probes(
+            base_dir, base, source, adapter, bound, dtype, probes, with_floor=dtype != torch.float32
+        )
+    return comparison
