@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from merger.demo import default_cache_dir
@@ -70,11 +70,13 @@ class Settings(BaseSettings):
             raise ValueError(f"must be one of {', '.join(map(str, VLLM_LORA_RANKS))} (the ranks vLLM allocates)")
         return value
 
-    @model_validator(mode="after")
-    def _lora_cache(self) -> Settings:
-        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
-            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
-        return self
+    @field_validator("max_cpu_loras")
+    @classmethod
+    def _lora_cache(cls, value: int | None, info: ValidationInfo) -> int | None:
+        max_loras = info.data.get("max_loras", 0)  # validated first (declared first)
+        if value is not None and value < max_loras:
+            raise ValueError(f"must be >= max_loras ({max_loras}): every adapter in a batch is in the cache")
+        return value
 
     @property
     def adapter_cache_size(self) -> int:

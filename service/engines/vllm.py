@@ -50,6 +50,7 @@ def configure_environment(kv_cache_gib: int) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
     os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["D2LORA_VLLM_PLUGIN"] = "1"  # service.engines.lora.register: our plugin in every vLLM process
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.engines.lora.ops import add_grouped_lora, plan_step, scale_rows
+from service.engines.lora.ops import BLOCK_DIAGONAL_MAX_TOKENS, FusedSlots, add_grouped_lora, plan_step, scale_rows
 
 SLOTS, RANK, IN = 4, 8, 32
 OUTS = (24, 8, 8)  # a packed qkv-like layer: three slices
@@ -50,6 +50,31 @@ def test_grouped_lora_equals_per_token_products(slots):
     torch.testing.assert_close(y, base + per_token(x, slots, a, b), rtol=1e-5, atol=1e-4)
     base_rows = [t for t, s in enumerate(slots) if s < 0]
     assert torch.equal(y[base_rows], base[base_rows]), "a token without an adapter must keep the base output exactly"
+
+
+@pytest.mark.parametrize("tokens", [12, BLOCK_DIAGONAL_MAX_TOKENS + 9])  # block-diagonal expand, then slice by slice
+def test_fused_slots_written_through_vllms_views_equal_per_token_products(tokens):
+    gen = torch.Generator().manual_seed(tokens)
+    a, b = stacked(gen)
+    zeros_a, zeros_b = tuple(torch.zeros_like(t) for t in a), tuple(torch.zeros_like(t) for t in b)
+    fused, a_views, b_views = FusedSlots.adopt(zeros_a, zeros_b, OUTS)
+    assert [v.shape for v in a_views] == [t.shape for t in a] and [v.shape for v in b_views] == [t.shape for t in b]
+    for slot in range(SLOTS):  # as vLLM's set_lora writes a slot: into the stacked tensors it holds
+        for j in range(len(OUTS)):
+            a_views[j][slot, 0].copy_(a[j][slot, 0])
+            b_views[j][slot, 0].copy_(b[j][slot, 0])
+    slots = torch.randint(-1, SLOTS, (tokens,), generator=gen)
+    x = torch.randn(tokens, IN, generator=gen)
+    y = torch.zeros(tokens, sum(OUTS))
+    fused.add(y, x, plan_step(slots, SLOTS))
+    torch.testing.assert_close(y, per_token(x, slots.tolist(), a, b), rtol=1e-5, atol=1e-4)
+
+
+def test_adopting_keeps_what_the_stacked_tensors_held():
+    gen = torch.Generator().manual_seed(5)
+    a, b = stacked(gen)
+    _, a_views, b_views = FusedSlots.adopt(a, b, OUTS)
+    assert all(torch.equal(v, t) for v, t in zip((*a_views, *b_views), (*a, *b), strict=True))
 
 
 def test_sorted_tokens_need_no_gather():

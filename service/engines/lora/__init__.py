@@ -11,8 +11,10 @@ gathers with grouped matmuls:
 - punica.py   the CPU platform's punica wrapper (ops.py: the grouped ops)
 
 Loaded in every vLLM process through the `vllm.general_plugins` entry point
-(`register`), and by the engine's worker extension (service.engines.vllm_worker)
-when it is imported, so a checkout run without reinstalling gets it too.
+(`register`) when D2LORA_VLLM_PLUGIN=1 (our engine sets it; a plain `vllm serve`
+in the same environment stays stock vLLM unless its user sets it too), and by
+the engine's worker extension (service.engines.vllm_worker) when it is imported,
+so a checkout run without reinstalling gets it too.
 `install` is idempotent; on a vLLM release not in versions.SUPPORTED it changes
 nothing (the engine refuses to start instead, in one line).
 """
@@ -20,11 +22,13 @@ nothing (the engine refuses to start instead, in one line).
 from __future__ import annotations
 
 import logging
+import os
 
 from service.engines.lora.versions import unsupported_reason
 
 logger = logging.getLogger(__name__)
 _installed = False
+ENABLE_VARIABLE = "D2LORA_VLLM_PLUGIN"
 
 
 def installed() -> bool:
@@ -46,8 +50,9 @@ def install() -> bool:
 
 
 def register() -> None:
-    """The `vllm.general_plugins` entry point."""
-    install()
+    """The `vllm.general_plugins` entry point: installs only when D2LORA_VLLM_PLUGIN=1."""
+    if os.environ.get(ENABLE_VARIABLE) == "1":
+        install()
 
 
 def _patch() -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 
-from service.engines.lora.ops import StepPlan, scale_rows
+from service.engines.lora.ops import FusedSlots, StepPlan, scale_rows
 
 STATE_ATTR = "d2lora_slots"
 NO_PLAN = object()  # the punica wrapper is vLLM's own: no per-step plan to consult
@@ -27,8 +27,9 @@ NO_PLAN = object()  # the punica wrapper is vLLM's own: no per-step plan to cons
 class SlotState:
     """Per LoRA linear layer: the slots holding weights for it and their row scales."""
 
-    def __init__(self, num_slots: int, out_features: int, device: torch.device):
+    def __init__(self, num_slots: int, out_features: int, device: torch.device, fused: FusedSlots | None = None):
         self.num_slots = num_slots
+        self.fused = fused  # the slots' weights laid out for the grouped ops (CPU), or None (vLLM's own ops)
         self.row_scale = torch.ones(num_slots + 1, out_features, dtype=torch.float32, device=device)  # (slots+1, out)
         self.loaded: set[int] = set()  # slots whose adapter has factors for this layer
         self.scaled: set[int] = set()  # slots whose adapter has a row scale here (d ≠ 1)
@@ -50,10 +51,19 @@ class SlotState:
 
 
 def slot_state(layer: BaseLinearLayerWithLoRA, num_slots: int) -> SlotState:
-    """The layer's SlotState, created on first use."""
+    """The layer's SlotState, created on first use.
+
+    Under the grouped punica wrapper the layer's stacked LoRA tensors move into FusedSlots (their contents
+    copied), and the layer keeps views of it, so vLLM's set_lora / reset_lora write where the ops read.
+    """
     state = layer.__dict__.get(STATE_ATTR)
     if state is None:
-        state = SlotState(num_slots, sum(layer.output_slices), layer.lora_a_stacked[0].device)
+        fused = None
+        if _plan(layer) is not NO_PLAN:
+            fused, layer.lora_a_stacked, layer.lora_b_stacked = FusedSlots.adopt(
+                layer.lora_a_stacked, layer.lora_b_stacked, tuple(layer.output_slices)
+            )
+        state = SlotState(num_slots, sum(layer.output_slices), layer.lora_a_stacked[0].device, fused)
         layer.__dict__[STATE_ATTR] = state
     return state
 
@@ -88,7 +98,12 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 
 def _add_lora(layer: BaseLinearLayerWithLoRA, flat_output: torch.Tensor, x: torch.Tensor) -> None:
-    """flat_output (tokens, out) += B̃ A x through the layer's punica wrapper."""
+    """flat_output (tokens, out) += B̃ A x: the grouped ops on the fused slots, else the layer's punica wrapper."""
+    state: SlotState | None = layer.__dict__.get(STATE_ATTR)
+    plan = _plan(layer)
+    if state is not None and state.fused is not None and isinstance(plan, StepPlan):
+        state.fused.add(flat_output, _flat(x), plan)
+        return
     wrapper = layer.punica_wrapper
     wrapper.add_lora_linear(flat_output, _flat(x), layer.lora_a_stacked, layer.lora_b_stacked, 1.0, layer.output_slices)
 

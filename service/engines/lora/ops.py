@@ -84,6 +84,64 @@ def add_grouped_lora(
     plan.add_rows(y, deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=1))
 
 
+# Up to this many adapter tokens in a step (decode-sized), a packed layer's expand is one grouped matmul over a
+# block-diagonal B̃ (its zero blocks cost little next to one op per slice); beyond it, one per slice.
+BLOCK_DIAGONAL_MAX_TOKENS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedSlots:
+    """One layer's adapter slots in the layout of the grouped matmuls; vLLM's stacked tensors are views of it.
+
+    a: (slots, S·k, in)   the S slices' A one after another (vLLM's lora_a_stacked[j] = a[:, j·k:(j+1)·k])
+    b: (slots, S·k, out)  block-diagonal: block j is B̃_jᵀ at rows j·k:(j+1)·k, columns of slice j
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    rank: int  # k, vLLM's max_lora_rank
+    output_slices: tuple[int, ...]
+
+    @classmethod
+    def adopt(cls, lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...], output_slices: tuple[int, ...]):
+        """Fused storage holding the current contents of vLLM's stacked tensors, and views of it to replace them.
+
+        lora_a[j]: (slots, 1, k, in), lora_b[j]: (slots, 1, out_j, k) -> (FusedSlots, lora_a views, lora_b views)
+        """
+        slots, _, rank, features = lora_a[0].shape
+        a = torch.zeros(slots, rank * len(lora_a), features, dtype=lora_a[0].dtype, device=lora_a[0].device)
+        b = torch.zeros(slots, rank * len(lora_a), sum(output_slices), dtype=lora_b[0].dtype, device=a.device)
+        fused = cls(a, b, rank, tuple(output_slices))
+        a_views, b_views = fused.views()
+        for view, old in zip((*a_views, *b_views), (*lora_a, *lora_b), strict=True):
+            view.copy_(old)
+        return fused, a_views, b_views
+
+    def views(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """vLLM's layout as views: ((slots, 1, k, in) per slice, (slots, 1, out_j, k) per slice)."""
+        a_views, b_views, start = [], [], 0
+        for j, size in enumerate(self.output_slices):
+            ranks = slice(j * self.rank, (j + 1) * self.rank)
+            a_views.append(self.a[:, ranks].unsqueeze(1))
+            b_views.append(self.b[:, ranks, start : start + size].transpose(1, 2).unsqueeze(1))
+            start += size
+        return tuple(a_views), tuple(b_views)
+
+    def add(self, y: torch.Tensor, x: torch.Tensor, plan: StepPlan) -> None:
+        """y[t] += B̃[s] (A[s] x[t]) for every adapter token t of slot s.  y: (tokens, out), x: (tokens, in)"""
+        rows = plan.rows(x)  # (n, in)
+        h = grouped_matmul(rows, self.a.transpose(1, 2), plan)  # (n, S·k): every slice's A x in one product
+        if len(self.output_slices) == 1 or plan.num_adapter_tokens <= BLOCK_DIAGONAL_MAX_TOKENS:
+            plan.add_rows(y, grouped_matmul(h, self.b, plan))  # (n, out)
+            return
+        parts, start = [], 0
+        for j, size in enumerate(self.output_slices):
+            ranks = slice(j * self.rank, (j + 1) * self.rank)
+            parts.append(grouped_matmul(h[:, ranks], self.b[:, ranks, start : start + size], plan))  # (n, out_j)
+            start += size
+        plan.add_rows(y, torch.cat(parts, dim=1))
+
+
 def scale_rows(y: torch.Tensor, row_scale: torch.Tensor, plan: StepPlan) -> None:
     """y[t] *= row_scale[slot of t], base tokens × 1 (exact).  y: (tokens, out), row_scale: (slots + 1, out)"""
     y.mul_(row_scale.index_select(0, plan.scale_index))
