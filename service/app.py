@@ -26,12 +26,13 @@ from service.engines import engine_factory
 from service.engines.context import resolve_max_model_len
 from service.errors import install_error_handlers
 from service.inference import InferenceHandler
-from service.management import AdapterManager
+from service.management import AdapterManager, upload_limits
 from service.registry import AdapterRecord, Registry
 from service.replica import ReplicaHeaders, replica_name
 from service.routes import ROUTERS
 from service.scheduling.scheduler import Scheduler
 from service.settings import Settings
+from service.upgrade import upgrade_records
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def restore_equivalence_gauges(records: list[AdapterRecord]) -> None:
 async def start_scheduler(settings: Settings, base_dir: Path, registry: Registry) -> Scheduler:
     scheduler = await Scheduler.create(settings, base_dir, engine_factory(settings))
     for record in registry.all_serving():
-        await scheduler.add_model(record.name, record.fused_tensors)
+        await scheduler.add_model(record.name, record.fused_tensors, record.per_request_form)
     return scheduler
 
 
@@ -88,6 +89,7 @@ async def lifespan(app: FastAPI):
     base_name = base_dir.resolve().name
     registry = Registry(settings.data_dir)
     registry.load()
+    await asyncio.to_thread(upgrade_records, registry, base_dir, upload_limits(settings))
     restore_equivalence_gauges(registry.all_serving())
     app.state.auth = Authenticator.from_settings(settings)
     scheduler = await start_scheduler(settings, base_dir, registry)

@@ -84,7 +84,7 @@ class InferenceHandler:
                 code="model_not_found",
             )
         if not self.scheduler.serves(model, record.fused_tensors):
-            await self.scheduler.add_model(model, record.fused_tensors)
+            await self.scheduler.add_model(model, record.fused_tensors, record.per_request_form)
         return model
 
     async def complete(self, body: CompletionRequest, request: Request):

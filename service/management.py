@@ -73,12 +73,17 @@ def assemble_artifact(files: dict[str, Path], work_dir: Path) -> Path:
     )
 
 
+def upload_limits(settings: Settings) -> ArchiveLimits:
+    """What an uploaded archive may unpack to, all members together."""
+    unpacked = settings.max_upload_bytes * ARCHIVE_EXPANSION
+    return ArchiveLimits(max_member_bytes=unpacked, max_total_bytes=unpacked)
+
+
 class AdapterManager:
     def __init__(self, settings: Settings, base_dir: Path, base_name: str, registry: Registry, scheduler):
         self.settings, self.base_dir, self.base_name = settings, base_dir, base_name
         self.registry, self.scheduler = registry, scheduler
-        unpacked = settings.max_upload_bytes * ARCHIVE_EXPANSION  # what an archive may unpack to, all members
-        self.limits = ArchiveLimits(max_member_bytes=unpacked, max_total_bytes=unpacked)
+        self.limits = upload_limits(settings)
         self.base_shapes = checkpoint_shapes(base_dir)
         self.floors = FloorCache(settings.data_dir / FLOORS_DIR)  # dtype floors: once per base and dtype
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="d2lora-merge")
@@ -163,7 +168,7 @@ class AdapterManager:
         try:
             outcome = await loop.run_in_executor(self.worker, run_stages, work)
             with logged_stage(label, "keep"):
-                return await self._ready(record, work.fused_file, outcome)
+                return await self._ready(record, work, outcome)
         except EquivalenceError as err:
             return self._failed(record, str(err), err.report)
         except Exception as err:
@@ -181,18 +186,23 @@ class AdapterManager:
         logger.exception("adapter %s v%d: merge crashed", record.name, record.version, exc_info=err)
         return self._failed(record, f"internal error while merging: {err}")
 
-    async def _ready(self, record: AdapterRecord, fused: Path, outcome: MergeOutcome) -> AdapterRecord:
-        tensors_file = self.registry.tensors_path(record)
-        os.replace(fused, tensors_file)
+    async def _ready(self, record: AdapterRecord, work: UploadWork, outcome: MergeOutcome) -> AdapterRecord:
+        tensors_file, form_dir = self.registry.tensors_path(record), self.registry.form_path(record)
+        artifact_dir = self.registry.artifact_path(record)
+        os.replace(work.fused_file, tensors_file)
+        os.replace(work.form_dir, form_dir)
+        keep_artifact(work.artifact, artifact_dir)
         ready = record.model_copy(
             update={
                 "status": "ready",
                 "merge_seconds": round(outcome.seconds, 3),
                 "equivalence": outcome.equivalence,
                 "tensors_file": str(tensors_file),
+                "form_dir": str(form_dir),
+                "artifact_dir": str(artifact_dir),
             }
         )
-        await self.scheduler.add_model(ready.name, tensors_file)  # old requests finish on the old weights
+        await self.scheduler.add_model(ready.name, tensors_file, form_dir)  # old requests finish on the old weights
         self.registry.save(ready)
         self.registry.prune(ready.name)
         metrics.MERGES.labels(status="ok").inc()
@@ -204,7 +214,7 @@ class AdapterManager:
         self, record: AdapterRecord, error: str, equivalence: dict | None = None, status: int = 422
     ) -> AdapterRecord:
         self.failure_status[record.name] = status
-        self.registry.tensors_path(record).unlink(missing_ok=True)
+        self.registry.discard_files(record)
         failed = record.model_copy(update={"status": "failed", "error": error, "equivalence": equivalence})
         self.registry.save(failed)
         metrics.MERGES.labels(status="failed").inc()
@@ -229,6 +239,15 @@ class AdapterManager:
         for job in list(self.jobs):
             job.cancel()
         self.worker.shutdown(wait=False, cancel_futures=True)
+
+
+def keep_artifact(artifact: Path, artifact_dir: Path) -> None:
+    """The uploaded artifact (a folder of the two files, or one archive) as the version's artifact folder."""
+    if artifact.is_dir():
+        os.replace(artifact, artifact_dir)
+        return
+    artifact_dir.mkdir()
+    os.replace(artifact, artifact_dir / artifact.name)
 
 
 def forget_equivalence(name: str) -> None:

@@ -3,7 +3,9 @@
     validate  the artifact against the served base (management runs it before any record exists)
     fuse      the adapter fused into the base tensors it targets, written alone to work_dir/fused.safetensors
     verify    that file over the base against the unmerged adapter (merger.verify, a layer at a time)
-    keep      the file moved into the registry and swapped in (management, on the event loop)
+    form      the adapter's per-request form, work_dir/form/ (merger.per_request: batched serving, SPEC §1)
+    keep      the file, the form and the artifact moved into the registry, the model added to the scheduler
+              (management, on the event loop)
 
 WORKER_STAGES are the ones a worker thread runs, in order: adding a stage is adding a line there.
 A stage reads and writes the UploadWork the stages share; nothing here touches the registry or the
@@ -28,10 +30,12 @@ from merger.errors import D2LoraError
 from merger.floors import FloorCache
 from merger.fs import save_atomic
 from merger.merge import fuse_into_file
+from merger.per_request import write_per_request_form
 
 logger = logging.getLogger(__name__)
 
 FUSED_FILE = "fused.safetensors"
+FORM_DIR = "form"
 FLOORS_DIR = "dtype_floors"  # under the data dir: merger.floors.FloorCache, shared by replicas
 
 
@@ -121,6 +125,10 @@ class UploadWork:
     def fused_file(self) -> Path:
         return self.work_dir / FUSED_FILE
 
+    @property
+    def form_dir(self) -> Path:
+        return self.work_dir / FORM_DIR
+
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
@@ -142,9 +150,14 @@ def verify_fused(work: UploadWork) -> None:
     work.equivalence, work.max_abs_logit_diff = report.to_dict(), report.logits.max_abs_logit_diff
 
 
+def write_form(work: UploadWork) -> None:
+    write_per_request_form(work.base_dir, work.artifact, work.form_dir, limits=work.limits)
+
+
 WORKER_STAGES: tuple[Stage, ...] = (
     Stage("fuse", fuse),
     Stage("verify", verify_fused),
+    Stage("form", write_form),
 )
 
 
@@ -161,7 +174,7 @@ def logged_stage(label: str, stage: str) -> Iterator[None]:
 
 
 def run_stages(work: UploadWork, stages: tuple[Stage, ...] = WORKER_STAGES) -> MergeOutcome:
-    """Every stage in order, in this thread; the outcome once verified, with work_dir/fused.safetensors left."""
+    """Every stage in order, in this thread; the outcome once verified, with the fused file and form left."""
     start = time.perf_counter()
     for stage in stages:
         with logged_stage(work.label, stage.name):

@@ -273,11 +273,15 @@ class Registry:
     def discard(self, record: AdapterRecord) -> None:
         """Forget one version (a failed synchronous upload): the registry is as it was before it."""
         self.versions.get(record.name, {}).pop(record.version, None)
-        for path in (self.tensors_path(record), self.form_path(record), self.artifact_path(record)):
-            _remove(path)
+        self.discard_files(record)
         (self.root / record.name / f"{record.stem}{RECORD_SUFFIX}").unlink(missing_ok=True)
         if self.latest(record.name) is None:
             self.delete(record.name)
+
+    def discard_files(self, record: AdapterRecord) -> None:
+        """Remove what a version owns beside its record: fused tensors, per-request form, artifact."""
+        for path in (self.tensors_path(record), self.form_path(record), self.artifact_path(record)):
+            _remove(path)
 
     def prune(self, name: str) -> None:
         """Drop every version older than the serving one (called once the new one is swapped in)."""

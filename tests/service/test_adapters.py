@@ -169,6 +169,8 @@ def test_replace_swaps_in_the_new_version_and_the_old_serves_meanwhile(live_serv
     assert record["status"] == "ready" and record["version"] == 2
     assert greedy_answers(client, "scratch") == references["qv"]
     assert sorted(p.name for p in (live_server.data_dir / "adapters" / "scratch").iterdir()) == [
+        "000002.artifact",
+        "000002.form",
         "000002.json",
         "000002.safetensors",
     ]

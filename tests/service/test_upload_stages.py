@@ -1,4 +1,5 @@
-"""The worker stages of an upload (service.merging): fuse → verify, one log line each, the dtype floor kept once."""
+"""The worker stages of an upload (service.merging): fuse → verify → form, one log line each, the dtype floor kept
+once."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 from merger.archive import DEFAULT_LIMITS
 from merger.checkpoint import checkpoint_shapes, file_tensors
 from merger.floors import FloorCache
+from merger.per_request import read_row_scales
 from service.merging import WORKER_STAGES, EquivalenceError, Stage, UploadWork, check_adapter, run_stages
 from tests.support.adapters import write_random_adapter
 
@@ -39,8 +41,10 @@ def test_the_stages_leave_only_the_fused_targets_and_log_each_with_its_seconds(l
     with caplog.at_level(logging.INFO, logger="service.merging"):
         outcome = run_stages(work)
     assert outcome.equivalence["passed"] is True and outcome.seconds > 0
-    assert sorted(p.name for p in work.work_dir.iterdir()) == ["fused.safetensors"]
+    assert sorted(p.name for p in work.work_dir.iterdir()) == ["form", "fused.safetensors"]
     assert set(load_file(work.fused_file)) == set(work.checked.weight_keys)
+    adapted = {key.removesuffix(".weight") for key in work.checked.weight_keys}
+    assert set(read_row_scales(work.form_dir)) == adapted  # D²-LoRA: every adapted module has d ≠ 1
     lines = [r.getMessage() for r in caplog.records]
     assert [line.split()[3] for line in lines] == [s.name for s in WORKER_STAGES]
     assert all(line.startswith("adapter t v1: ") and line.endswith(" s") for line in lines), lines
@@ -57,7 +61,7 @@ def test_a_stage_added_after_the_fuse_runs_in_order_and_a_failing_verify_names_t
             f.seek(stored.offset)  # its first element
             f.write(torch.tensor([1e3], dtype=torch.float32).numpy().tobytes())
 
-    fuse, verify = WORKER_STAGES
+    fuse, verify, _ = WORKER_STAGES
     work = upload_work(llama, artifact, tmp_path / "work")
     with caplog.at_level(logging.INFO, logger="service.merging"), pytest.raises(EquivalenceError) as refused:
         run_stages(work, (fuse, Stage("corrupt", corrupt), verify))

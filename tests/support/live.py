@@ -54,7 +54,9 @@ class LiveServer:
 
     @property
     def admin_token(self) -> str:
-        return (self.data_dir / "admin_token").read_text().strip()
+        """The one it was given (D2LORA_ADMIN_TOKEN), else the one it created in its data dir."""
+        given = self.env.get("D2LORA_ADMIN_TOKEN")
+        return given or (self.data_dir / "admin_token").read_text().strip()
 
     def admin_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.admin_token}"}
