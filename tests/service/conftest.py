@@ -150,10 +150,12 @@ def scheduler(request):
 # the live server (HTTP layer tests): ONE `d2lora serve` subprocess per session, restarted in place
 
 UPLOAD_CAP_BYTES = 32 << 20
+LIVE_MERGED_AFTER_S = 1.0  # tests then see both modes on the live server
 
 
 @pytest.fixture(scope="session")
 def live_server(demo_dir, tmp_path_factory):
+    """`d2lora serve` on the demo model (vLLM, auto mode: one adapter alone for LIVE_MERGED_AFTER_S gets merged)."""
     from tests.support.live import LiveServer
 
     server = LiveServer(
@@ -161,6 +163,7 @@ def live_server(demo_dir, tmp_path_factory):
         tmp_path_factory.mktemp("data"),
         tmp_path_factory.mktemp("logs"),
         D2LORA_MAX_UPLOAD_BYTES=str(UPLOAD_CAP_BYTES),
+        D2LORA_MERGED_AFTER_S=str(LIVE_MERGED_AFTER_S),
     )
     server.start()
     yield server

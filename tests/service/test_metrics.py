@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.service.conftest import MAX_TOKENS, PROMPTS
+from tests.service.conftest import LIVE_MERGED_AFTER_S, MAX_TOKENS, PROMPTS
 from tests.support.live import API_KEY, free_port
 from tests.support.tools import require_tool
 
@@ -26,8 +26,11 @@ QUERY_TIMEOUT_S = 90
 
 @pytest.fixture(scope="module")
 def traffic(live_server, uploaded) -> None:
+    """Batched requests, then qv alone for merged_after_s (a swap to its merged weights), then a rival."""
     client = openai.OpenAI(base_url=f"{live_server.url}/v1", api_key=API_KEY, timeout=300, max_retries=0)
     client.completions.create(model="qv", prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0)
+    time.sleep(LIVE_MERGED_AFTER_S + 0.5)
+    client.completions.create(model="qv", prompt=PROMPTS[1], max_tokens=MAX_TOKENS, temperature=0)
     list(
         client.chat.completions.create(
             model="o-mlp",
@@ -69,7 +72,7 @@ def query(prometheus: str, promql: str) -> list[dict]:
             body = httpx.get(f"{prometheus}/api/v1/query", params={"query": promql}, timeout=5).json()
             if body.get("status") == "success" and body["data"]["result"]:
                 return body["data"]["result"]
-        except httpx.TransportError:
+        except (httpx.TransportError, ValueError):  # not up yet, or still starting (a body that is not JSON)
             pass
         time.sleep(1)
     return []
