@@ -25,14 +25,10 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
-
-import httpx
 
 from benchmarks.common import command_line, machine_load, markdown_table, require_positive
 from benchmarks.machine import machine_info, machine_line
@@ -41,6 +37,7 @@ from merger.demo import build_demo_model, default_cache_dir
 from merger.fs import write_atomic
 from tests.support.adapters import write_random_adapter
 from tests.support.live import LiveServer, free_port
+from tests.support.processes import running
 from tests.support.uploading import upload_files
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -109,30 +106,9 @@ def bare_vllm(base: Path, log: Path, lora_modules: dict[str, Path], max_loras: i
                     "--max-cpu-loras", str(max(len(lora_modules), max_loras)),
                     "--lora-modules", *(f"{name}={path}" for name, path in lora_modules.items())]  # fmt: skip
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(url, process, log)
+    with running(command, f"{url}/v1/models", log, env, timeout_s=START_TIMEOUT_S):
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
-def _wait_ready(url: str, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"vLLM exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                return
-        time.sleep(1)
-    raise RuntimeError(f"vLLM not ready after {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
 
 
 def vllm_rows(base: Path, peft: dict[str, Path], args: argparse.Namespace, scratch: Path) -> list[dict]:

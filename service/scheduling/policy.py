@@ -9,10 +9,10 @@ target.  So no model waits much longer than a time slice plus one drain.
 - `batched`: batchable models (the base, adapters with a per-request form) run together in batched
   mode; only a model without a per-request form gets merged weights.
 - `auto` (default): batched, and merged for a model that has all the work: when a batched slot's
-  running and waiting requests are all one adapter's and no other model has sent a request for
-  `merged_after_s`, the slot moves to that adapter's merged weights (at once if it is idle, else
-  after `merged_after_s` in its current target).  A rival's request then brings it back to batched
-  within a time slice.
+  running and waiting requests are all one adapter's and every request for `merged_after_s` has
+  been that adapter's (its *streak*: a lone request after a quiet spell does not count), the slot
+  moves to that adapter's merged weights (at once if it is idle, else after `merged_after_s` in its
+  current target).  A rival's request then brings it back to batched within a time slice.
 
 Policies only propose; the scheduler drains a slot before changing what it holds (SPEC §6).
 """
@@ -37,7 +37,7 @@ class Demand:
 
     now: float
     oldest_waiting: Mapping[str, float]  # model -> arrival of its oldest queued request
-    last_arrival: Mapping[str, float]  # model -> arrival of its newest request (queued or not)
+    streak: tuple[str, float] | None = None  # (model, since): every request that arrived since was model's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,11 +140,10 @@ class AutoPolicy(BatchedPolicy):
     ) -> float | None:
         deadlines = [super().next_deadline(slots, demand, models, holds)]
         for slot in slots:
-            if not slot.draining and slot.target.mode is BATCHED and self._sole_model(slot, demand, models):
-                rivals = [
-                    t for other, t in demand.last_arrival.items() if other != self._sole_model(slot, demand, models)
-                ]
-                deadlines.append(max([slot.changed_at, *rivals]) + self.timing.merged_after_s)
+            sole = None if slot.draining or slot.target.mode is not BATCHED else self._sole_model(slot, demand, models)
+            if sole is not None and demand.streak is not None and demand.streak[0] == sole:
+                since = max(demand.streak[1], slot.changed_at) if slot.busy else demand.streak[1]
+                deadlines.append(since + self.timing.merged_after_s)
         known = [d for d in deadlines if d is not None]
         return min(known) if known else None
 
@@ -159,12 +158,12 @@ class AutoPolicy(BatchedPolicy):
         return None if model is None or model.is_base else name
 
     def _sole_adapter(self, slot: Slot, demand: Demand, models: Mapping[str, ServedModel]) -> str | None:
-        """The one adapter this slot's work is all for, with no rival request for `merged_after_s`, or None."""
+        """The one adapter this slot's work is all for, every request for `merged_after_s` its own, or None."""
         name = self._sole_model(slot, demand, models)
-        if name is None:
+        if name is None or demand.streak is None:
             return None
-        rivals = [t for other, t in demand.last_arrival.items() if other != name]
-        return name if all(demand.now - t >= self.timing.merged_after_s for t in rivals) else None
+        model, since = demand.streak
+        return name if model == name and demand.now - since >= self.timing.merged_after_s else None
 
 
 POLICIES: dict[str, type[Policy]] = {p.name: p for p in (AutoPolicy, BatchedPolicy, MergedPolicy)}

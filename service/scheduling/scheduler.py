@@ -86,7 +86,7 @@ class Scheduler:
         self.planner = SwapPlanner(BaseTensors(self.base_dir))
         self.models: dict[str, ServedModel] = {self.base_name: ServedModel(self.base_name)}
         self.queues: dict[str, deque[Ticket]] = {}
-        self.last_arrival: dict[str, float] = {}  # model -> its newest request's arrival
+        self.streak: tuple[str, float] | None = None  # (model, since): every request since was model's
         self.slots: list[Slot] = []
         self.policy: Policy = MergedPolicy(self._timing())
         self.adapter_ids: dict[Path, int] = {}  # per-request form folder -> its engine-wide id (AdapterRef.id)
@@ -239,7 +239,8 @@ class Scheduler:
         self.check_room()
         ticket = Ticket(model, time.monotonic(), asyncio.get_running_loop().create_future())
         self.queues.setdefault(model, deque()).append(ticket)
-        self.last_arrival[model] = ticket.arrived
+        if self.streak is None or self.streak[0] != model:
+            self.streak = (model, ticket.arrived)
         self._update_gauges()
         self._wake.set()
         return ticket
@@ -298,7 +299,7 @@ class Scheduler:
 
     def _demand(self) -> Demand:
         oldest = {model: queue[0].arrived for model, queue in self.queues.items() if queue}
-        return Demand(time.monotonic(), oldest, dict(self.last_arrival))
+        return Demand(time.monotonic(), oldest, self.streak)
 
     def _admit(self, slot: Slot, now: float) -> None:
         """Admit queued requests this slot serves, up to max_num_seqs running.

@@ -57,7 +57,8 @@ def test_one_adapter_alone_gets_merged_weights_and_a_rival_brings_batching_back(
 
     async def run():
         await answers(scheduler, [("qkvo", 0), ("qv", 0)])  # batched: two adapters
-        await asyncio.sleep(scheduler.settings.merged_after_s)  # no rival of qkvo for merged_after_s
+        await answers(scheduler, [("qkvo", 1)])  # qkvo's streak begins
+        await asyncio.sleep(scheduler.settings.merged_after_s)  # only qkvo asked for merged_after_s
         merged_before, swaps_before = forwards("merged"), swaps()
         alone = await answers(scheduler, [("qkvo", i) for i in range(len(PROMPTS))])
         merged_after, swaps_after = forwards("merged"), swaps()

@@ -40,7 +40,7 @@ def task_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(task_dir, adapters):
     """lm-eval's `hf` model on the merged checkpoint of ADAPTER, fp32."""
-    return evaluate(transformers_model(adapters[ADAPTER][0]), task_dir, TASKS)
+    return evaluate(transformers_model(adapters[ADAPTER].merged), task_dir, TASKS)
 
 
 @pytest.mark.parametrize("tokenized", [True, False], ids=["token-ids", "text"])

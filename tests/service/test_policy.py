@@ -48,8 +48,10 @@ def holds(s: Slot, model: ServedModel) -> bool:
     return s.target.serves(model) and s.weights == s.target.mode.weights(s.target.holder, MODELS)
 
 
-def demand(now: float, waiting: dict[str, float], arrivals: dict[str, float] | None = None) -> Demand:
-    return Demand(now, waiting, {**waiting, **(arrivals or {})})
+def demand(now: float, waiting: dict[str, float], streak: tuple[str, float] | None = None) -> Demand:
+    """waiting: model -> its oldest queued arrival; streak: (model, since) — by default the newest arrival's."""
+    newest = max(waiting.items(), key=lambda item: item[1], default=None)
+    return Demand(now, waiting, streak if streak is not None else newest)
 
 
 def retarget(mode: str, slots: list[Slot], d: Demand):
@@ -67,19 +69,30 @@ def test_a_model_without_a_per_request_form_gets_merged_weights_once_the_slice_i
     assert retarget("batched", slots, demand(101.5, {"old": 99.5})) == [(0, "merged:old")]
 
 
-def test_auto_gives_an_idle_engine_the_merged_weights_of_the_only_model_asked_for():
-    assert retarget("auto", [slot()], demand(100, {"x": 99.9})) == [(0, "merged:x")]
+def test_auto_gives_an_idle_engine_the_merged_weights_of_a_model_alone_asked_for_merged_after_s():
+    assert retarget("auto", [slot()], demand(100, {"x": 99.9}, streak=("x", 89))) == [(0, "merged:x")]
+
+
+def test_auto_keeps_batching_for_a_lone_request_after_a_quiet_spell():
+    """Nothing else was asked for in a while, but x's streak has only just begun: no swap for one request."""
+    assert retarget("auto", [slot()], demand(100, {"x": 99.9})) == []
 
 
 def test_auto_keeps_batching_while_another_model_was_asked_for_recently():
-    assert retarget("auto", [slot()], demand(100, {"x": 99.9}, {"y": 95})) == []
-    assert retarget("auto", [slot()], demand(100, {"x": 99.9}, {"y": 85})) == [(0, "merged:x")]
+    assert retarget("auto", [slot()], demand(100, {"x": 99.9}, streak=("x", 95.5))) == []  # y asked at 95
+    assert retarget("auto", [slot()], demand(100, {"x": 99.9}, streak=("x", 89.5))) == [(0, "merged:x")]
 
 
 def test_auto_moves_a_busy_engine_to_merged_only_after_merged_after_s_in_batched_mode():
     busy = slot(running={"x": 4}, changed_at=95)
-    assert retarget("auto", [busy], demand(100, {})) == []
-    assert retarget("auto", [busy], demand(105.5, {})) == [(0, "merged:x")]
+    assert retarget("auto", [busy], demand(100, {}, streak=("x", 80))) == []
+    assert retarget("auto", [busy], demand(105.5, {}, streak=("x", 80))) == [(0, "merged:x")]
+
+
+def test_auto_wakes_when_a_streak_reaches_merged_after_s():
+    policy = choose_policy("auto", True, TIMING)
+    d = demand(100, {"x": 99.9}, streak=("x", 95))
+    assert policy.next_deadline([slot()], d, MODELS, holds) == 105
 
 
 def test_the_base_alone_stays_batched():
@@ -93,7 +106,7 @@ def test_a_rival_brings_a_merged_engine_back_to_batched_within_a_time_slice():
 
 
 def test_an_idle_merged_engine_changes_at_once():
-    assert retarget("auto", [slot(merged("x"))], demand(100, {"y": 99.9}, {"x": 99})) == [(0, "batched")]
+    assert retarget("auto", [slot(merged("x"))], demand(100, {"y": 99.9})) == [(0, "batched")]
 
 
 def test_merged_policy_swaps_to_the_oldest_waiting_model():
