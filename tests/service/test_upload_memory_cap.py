@@ -45,4 +45,4 @@ def test_an_upload_is_fused_and_verified_under_the_cap(big_base, tmp_path):
     assert isinstance(run.result, dict) and run.result["passed"] is True, run.result
     assert run.result["logits"]["greedy_agreement"] == 1.0 and len(run.result["weight_errors"]) == 4 * SHAPE.layers
     assert run.vm_peak_bytes < CAP_BYTES
-    assert sorted(p.name for p in work_dir.iterdir()) == ["fused.safetensors"]
+    assert sorted(p.name for p in work_dir.iterdir()) == ["form", "fused.safetensors"]
