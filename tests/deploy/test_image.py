@@ -18,14 +18,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from merger.demo import build_demo_model
 from merger.merge import merge
 from service.settings import Settings
 from tests.deploy import podman as pm
 from tests.support.adapters import write_random_adapter
+from tests.support.references import hf_greedy
 
 pytestmark = [pytest.mark.image, pytest.mark.slow]
 
@@ -91,18 +90,7 @@ def adapter_and_references(tmp_path_factory) -> tuple[Path, dict[str, list[str]]
     adapter = write_random_adapter(work / "adapter", base, seed=7, scale=0.2)
     merged = work / "merged"
     merge(base, adapter, merged, progress=False)
-    return adapter, {base.name: hf_greedy(base), ADAPTER: hf_greedy(merged)}
-
-
-def hf_greedy(model_dir: Path) -> list[str]:
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    answers = []
-    for prompt in PROMPTS:
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]  # (1, t)
-        out = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False)  # (1, t + new)
-        answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
-    return answers
+    return adapter, {base.name: hf_greedy(base, PROMPTS, MAX_TOKENS), ADAPTER: hf_greedy(merged, PROMPTS, MAX_TOKENS)}
 
 
 def completions(url: str, model: str) -> list[str]:

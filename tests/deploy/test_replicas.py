@@ -20,14 +20,13 @@ from collections import defaultdict
 
 import httpx
 import pytest
-import torch
 from prometheus_client.parser import text_string_to_metric_families
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from merger.merge import merge
 from tests.support import live
 from tests.support import replicas as rp
 from tests.support.adapters import write_random_adapter
+from tests.support.references import hf_greedy
 from tests.support.tools import require_tool
 
 pytestmark = pytest.mark.slow
@@ -44,16 +43,9 @@ def traffic(count: int, seed: int) -> list[tuple[str, str]]:
     return [(rng.choice(ADAPTERS), rng.choice(PROMPTS)) for _ in range(count)]
 
 
-def hf_greedy(model_dir) -> dict[str, str]:
+def references(model_dir) -> dict[str, str]:
     """prompt -> transformers' own greedy completion, fp32."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    answers = {}
-    for prompt in PROMPTS:
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]  # (1, t)
-        out = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False)  # (1, t + new)
-        answers[prompt] = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-    return answers
+    return dict(zip(PROMPTS, hf_greedy(model_dir, PROMPTS, MAX_TOKENS), strict=True))
 
 
 def upload(url: str, name: str, folder) -> httpx.Response:
@@ -77,7 +69,7 @@ def upload_decisive(url: str, base, work, name: str, seed: int) -> tuple:
         response = upload(url, name, folder)
         if response.status_code == 201:
             merge(base, folder, work / f"{name}-merged", progress=False)
-            return folder, hf_greedy(work / f"{name}-merged")
+            return folder, references(work / f"{name}-merged")
         assert response.status_code == 422 and "greedy_agreement" in response.text, response.text
     raise AssertionError(f"{name}: four seeds refused by verification")
 
