@@ -15,8 +15,9 @@ model's own, in three parts:
 `lockstep_layers` steps several models (the unmerged reference, the merged model) through the
 layers together: a layer's tensors are mapped once, used by every model, and unmapped before
 the next layer.  The vocabulary matrices are read the way they are used: the embedding a row at
-a time (`StreamedEmbedding`), the head a block of rows at a time (`StreamedHead`).  Peak memory:
-the tensors of the module running now plus the activations, whatever the number of layers.
+a time (`StreamedEmbedding`), the head and every plain Linear of the layers a block of rows at a time
+(`StreamedLinear`).  Peak memory: one block of weights (the whole tensors of a module that has no
+streamed form: norms, an adapted module run unmerged) plus the activations, whatever the model's size.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from merger.unmerged import apply_unmerged
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-HEAD_BLOCK_BYTES = 16 << 20  # the head's weight is multiplied a block of rows of about this size at a time
+LINEAR_BLOCK_BYTES = 16 << 20  # a streamed Linear multiplies a block of weight rows of about this size at a time
 
 
 class StreamError(D2LoraError):
@@ -156,23 +157,30 @@ class StreamedEmbedding(nn.Module):
         return rows
 
 
-class StreamedHead(nn.Module):
-    """nn.Linear on a mapped (vocab, hidden) weight, a block of rows (HEAD_BLOCK_BYTES) at a time."""
+class StreamedLinear(nn.Module):
+    """nn.Linear on a mapped (out, in) weight, a block of rows (LINEAR_BLOCK_BYTES) at a time.
 
-    def __init__(self, pool: TensorPool, weight: StoredTensor, bias: StoredTensor | None, dtype: torch.dtype):
+    Each block's pages are given back once multiplied, so a Linear of any width costs one block of
+    weight memory (and one block's cast copy when the model's dtype is not the stored one).  Used for
+    the head and for every plain Linear of the decoder layers; `keys` are the checkpoint names it reads.
+    """
+
+    def __init__(self, pool: TensorPool, weight: StoredTensor, bias: StoredTensor | None, dtype: torch.dtype,
+                 keys: tuple[str, ...] = ()):  # fmt: skip
         super().__init__()
-        self.pool, self.weight_stored, self.bias_stored, self.dtype = pool, weight, bias, dtype
+        self.pool, self.weight_stored, self.bias_stored, self.dtype, self.keys = pool, weight, bias, dtype, keys
+        self.out_features, self.in_features = weight.spec.shape
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., hidden) -> (..., vocab)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         mapped = self.pool.mapped(self.weight_stored)
-        weight = mapped.view  # (vocab, hidden), stored dtype
-        bias = None if self.bias_stored is None else self.pool.tensor(self.bias_stored, self.dtype)  # (vocab,)
-        out = x.new_empty((*x.shape[:-1], weight.shape[0]))  # (..., vocab)
+        weight = mapped.view  # (out, in), stored dtype
+        bias = None if self.bias_stored is None else self.pool.tensor(self.bias_stored, self.dtype)  # (out,)
+        out = x.new_empty((*x.shape[:-1], weight.shape[0]))  # (..., out)
         row_bytes = weight.shape[1] * weight.element_size()
-        rows = max(1, HEAD_BLOCK_BYTES // max(1, row_bytes))
+        rows = max(1, LINEAR_BLOCK_BYTES // max(1, row_bytes))
         for start in range(0, weight.shape[0], rows):
             end = min(start + rows, weight.shape[0])
-            block = weight[start:end].to(self.dtype)  # (rows, hidden)
+            block = weight[start:end].to(self.dtype)  # (rows, in)
             out[..., start:end] = F.linear(x, block, None if bias is None else bias[start:end])
             mapped.drop_pages(start * row_bytes, end * row_bytes)
         self.pool.unmap(self.weight_stored)
@@ -265,6 +273,7 @@ class StreamedModel:
             apply_unmerged(self.model, adapter, recompute_scale=True, base_shapes=shapes)
         self.stack_path, self.layers = decoder_stack(self.model)
         self._stream_vocabulary()
+        self._stream_layer_linears()
         self.bindings = {module: self._bind(path, module) for path, module in self.model.named_modules()}
         self.bindings = {module: b for module, b in self.bindings.items() if b}
         for module in self.bindings:
@@ -293,12 +302,29 @@ class StreamedModel:
         names = {module: path for path, module in self.model.named_modules()}
         embedding, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
         if type(head) is nn.Linear:
-            _, weight = self._stored(f"{names[head]}.weight", tuple(head.weight.shape))
-            bias = None if head.bias is None else self._stored(f"{names[head]}.bias", tuple(head.bias.shape))[1]
-            self.model.set_output_embeddings(StreamedHead(self.pool, weight, bias, head.weight.dtype))
+            self.model.set_output_embeddings(self._streamed_linear(names[head], head))
         if type(embedding) is nn.Embedding:
             _, weight = self._stored(f"{names[embedding]}.weight", tuple(embedding.weight.shape))
             self.model.set_input_embeddings(StreamedEmbedding(self.pool, weight, embedding.weight.dtype))
+
+    def _stream_layer_linears(self) -> None:
+        """Replace every plain nn.Linear of the decoder layers by a StreamedLinear (adapted ones stay unmerged)."""
+        prefix = f"{self.stack_path}." if self.stack_path else ""
+        for index, layer in enumerate(self.layers):
+            for path, module in list(layer.named_modules()):
+                if type(module) is nn.Linear:
+                    streamed = self._streamed_linear(f"{prefix}{index}.{path}", module)
+                    parent, _, name = path.rpartition(".")
+                    setattr(layer.get_submodule(parent), name, streamed)
+
+    def _streamed_linear(self, path: str, linear: nn.Linear) -> StreamedLinear:
+        key, weight = self._stored(f"{path}.weight", tuple(linear.weight.shape))
+        keys: tuple[str, ...] = (key,)
+        bias = None
+        if linear.bias is not None:
+            bias_key, bias = self._stored(f"{path}.bias", tuple(linear.bias.shape))
+            keys += (bias_key,)
+        return StreamedLinear(self.pool, weight, bias, linear.weight.dtype, keys)
 
     def _materialise(self, module: nn.Module, args: tuple) -> None:
         for b in self.bindings[module]:
@@ -311,11 +337,9 @@ class StreamedModel:
 
     def layer_keys(self, index: int) -> list[str]:
         """The checkpoint names layer `index` reads."""
-        layer = self.layers[index]
-        return [b.key for module in layer.modules() for b in self.bindings.get(module, ())]
-
-    def read_keys(self) -> set[str]:
-        return {b.key for bindings in self.bindings.values() for b in bindings}
+        modules = list(self.layers[index].modules())
+        streamed = [key for m in modules if isinstance(m, StreamedLinear) for key in m.keys]
+        return [b.key for m in modules for b in self.bindings.get(m, ())] + streamed
 
     # the forward, in three parts
 

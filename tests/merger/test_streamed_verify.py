@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
+from merger import streaming
+from merger.checkpoint import file_tensors
 from merger.merge import merge
 from merger.probes import NEW_TOKENS
+from merger.report import Thresholds
 from tests.support.adapters import write_random_adapter
 from tests.support.oracle import streamed_run, whole_model_floor, whole_model_run
 
@@ -28,6 +32,34 @@ def test_streamed_comparison_equals_the_whole_model_one(tiny_base, adapter_dir, 
     assert streamed.path.shape == (8, NEW_TOKENS) and torch.equal(streamed.path, whole.path)
     assert torch.equal(whole.reference_greedy, whole.path)  # fp32: the two real decodes agree
     assert_same_metrics(streamed.logits, whole.logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_linear_streamed_in_row_blocks_computes_the_linear(tmp_path, monkeypatch, dtype):
+    """StreamedLinear, a few rows at a time, from a real safetensors file: nn.Linear's output in `dtype`."""
+    monkeypatch.setattr(streaming, "LINEAR_BLOCK_BYTES", 3 * 40 * 4)  # 3 rows of 40 fp32 features: 17 blocks
+    weight, bias = torch.randn(50, 40), torch.randn(50)  # (out, in), (out,)
+    save_file({"w": weight, "b": bias}, tmp_path / "linear.safetensors")
+    stored = file_tensors(tmp_path / "linear.safetensors")
+    linear = streaming.StreamedLinear(streaming.TensorPool(), stored["w"], stored["b"], dtype)
+    x = torch.randn(2, 7, 40, dtype=dtype)  # (batch, seq, in)
+    expected = torch.nn.functional.linear(x, weight.to(dtype), bias.to(dtype))  # (batch, seq, out)
+    torch.testing.assert_close(linear(x), expected)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_linears_streamed_in_many_row_blocks_give_the_same_verdict(
+    tiny_base, adapter_dir, merged_dir, arch, monkeypatch
+):
+    """Every plain Linear (and the head) a few rows at a time, as at real sizes (a block per 16 MiB): the same
+    greedy path and agreements as the whole model; the logit error moves only by float32 rounding."""
+    monkeypatch.setattr(streaming, "LINEAR_BLOCK_BYTES", 256)  # a tiny model's Linear: tens of blocks
+    streamed = streamed_run(tiny_base(arch), adapter_dir(arch), merged_dir(arch), torch.float32)
+    whole = whole_model_run(tiny_base(arch), adapter_dir(arch), merged_dir(arch), torch.float32)
+    assert torch.equal(streamed.path, whole.path)
+    assert streamed.logits.greedy_first_divergence == whole.logits.greedy_first_divergence
+    assert streamed.logits.top1_agreement == whole.logits.top1_agreement == 1.0
+    assert 0 < streamed.logits.relative_logit_error < Thresholds.for_dtype(torch.float32).max_relative_logit_error
 
 
 @pytest.mark.slow
