@@ -13,11 +13,12 @@ model's own, in three parts:
                the last hidden states into logits
 
 `lockstep_layers` steps several models (the unmerged reference, the merged model) through the
-layers together: a layer's tensors are mapped once, used by every model, and unmapped before
-the next layer.  The vocabulary matrices are read the way they are used: the embedding a row at
-a time (`StreamedEmbedding`), the head and every plain Linear of the layers a block of rows at a time
-(`StreamedLinear`).  Peak memory: one block of weights (the whole tensors of a module that has no
-streamed form: norms, an adapted module run unmerged) plus the activations, whatever the model's size.
+layers together: a layer's tensors are mapped while the models run it (a streamed Linear's only
+while it multiplies), and unmapped before the next layer.  The vocabulary matrices are read the
+way they are used: the embedding a row at a time (`StreamedEmbedding`), the head and every plain
+Linear of the layers a block of rows at a time (`StreamedLinear`).  Peak memory: one block of
+weights (the whole tensors of a module that has no streamed form: norms, an adapted module run
+unmerged) plus the activations, whatever the model's size.
 """
 
 from __future__ import annotations
