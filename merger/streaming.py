@@ -166,11 +166,13 @@ class StreamedLinear(nn.Module):
     the head and for every plain Linear of the decoder layers; `keys` are the checkpoint names it reads.
     """
 
-    def __init__(self, pool: TensorPool, weight: StoredTensor, bias: StoredTensor | None, dtype: torch.dtype,
-                 keys: tuple[str, ...] = ()):  # fmt: skip
+    def __init__(self, pool: TensorPool, weight: StoredTensor, bias: StoredTensor | None, dtype: torch.dtype):
         super().__init__()
-        self.pool, self.weight_stored, self.bias_stored, self.dtype, self.keys = pool, weight, bias, dtype, keys
-        self.out_features, self.in_features = weight.spec.shape
+        self.pool, self.weight_stored, self.bias_stored, self.dtype = pool, weight, bias, dtype
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(t.spec.name for t in (self.weight_stored, self.bias_stored) if t is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         mapped = self.pool.mapped(self.weight_stored)
@@ -274,7 +276,6 @@ class StreamedModel:
             apply_unmerged(self.model, adapter, recompute_scale=True, base_shapes=shapes)
         self.stack_path, self.layers = decoder_stack(self.model)
         self._stream_vocabulary()
-        self._stream_layer_linears()
         self.bindings = {module: self._bind(path, module) for path, module in self.model.named_modules()}
         self.bindings = {module: b for module, b in self.bindings.items() if b}
         for module in self.bindings:
@@ -299,33 +300,22 @@ class StreamedModel:
         return bindings
 
     def _stream_vocabulary(self) -> None:
-        """Replace a plain nn.Embedding input and nn.Linear head by their row-wise streamed forms."""
-        names = {module: path for path, module in self.model.named_modules()}
-        embedding, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
-        if type(head) is nn.Linear:
-            self.model.set_output_embeddings(self._streamed_linear(names[head], head))
+        """Replace a plain nn.Embedding input and every plain nn.Linear (the head, the layers' projections;
+        adapted ones already run unmerged) by their row-wise streamed forms."""
+        embedding = self.model.get_input_embeddings()
         if type(embedding) is nn.Embedding:
-            _, weight = self._stored(f"{names[embedding]}.weight", tuple(embedding.weight.shape))
+            path = next(p for p, m in self.model.named_modules() if m is embedding)
+            _, weight = self._stored(f"{path}.weight", tuple(embedding.weight.shape))
             self.model.set_input_embeddings(StreamedEmbedding(self.pool, weight, embedding.weight.dtype))
-
-    def _stream_layer_linears(self) -> None:
-        """Replace every plain nn.Linear of the decoder layers by a StreamedLinear (adapted ones stay unmerged)."""
-        prefix = f"{self.stack_path}." if self.stack_path else ""
-        for index, layer in enumerate(self.layers):
-            for path, module in list(layer.named_modules()):
-                if type(module) is nn.Linear:
-                    streamed = self._streamed_linear(f"{prefix}{index}.{path}", module)
-                    parent, _, name = path.rpartition(".")
-                    setattr(layer.get_submodule(parent), name, streamed)
+        for path, module in list(self.model.named_modules()):
+            if type(module) is nn.Linear:
+                parent, _, name = path.rpartition(".")
+                setattr(self.model.get_submodule(parent), name, self._streamed_linear(path, module))
 
     def _streamed_linear(self, path: str, linear: nn.Linear) -> StreamedLinear:
-        key, weight = self._stored(f"{path}.weight", tuple(linear.weight.shape))
-        keys: tuple[str, ...] = (key,)
-        bias = None
-        if linear.bias is not None:
-            bias_key, bias = self._stored(f"{path}.bias", tuple(linear.bias.shape))
-            keys += (bias_key,)
-        return StreamedLinear(self.pool, weight, bias, linear.weight.dtype, keys)
+        _, weight = self._stored(f"{path}.weight", tuple(linear.weight.shape))
+        bias = None if linear.bias is None else self._stored(f"{path}.bias", tuple(linear.bias.shape))[1]
+        return StreamedLinear(self.pool, weight, bias, linear.weight.dtype)
 
     def _materialise(self, module: nn.Module, args: tuple) -> None:
         for b in self.bindings[module]:
