@@ -182,7 +182,7 @@ def table(rows: list[dict], baseline_rss: int) -> str:
             f"{verify['seconds'] / merge['seconds']:.2f}",
             f"{upload['seconds'] / merge['seconds']:.2f}",
             f"{merge['cpu_s']:.0f} / {verify['cpu_s']:.0f} / {upload['cpu_s']:.0f}",
-            f"{r['load_average_end'][0]:.1f}" if "load_average_end" in r else "",
+            f"{r['load_average_end'][0]:.1f}",
         ])  # fmt: skip
     note = f"Peak RSS of a process that has only imported torch + transformers' Llama: {baseline_rss / MIB:.0f} MiB."
     return markdown_table(headers, lines) + "\n\n" + note
