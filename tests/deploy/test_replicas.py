@@ -17,6 +17,8 @@ import signal
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import httpx
 import pytest
@@ -28,6 +30,7 @@ from tests.support import replicas as rp
 from tests.support.adapters import write_random_adapter
 from tests.support.references import hf_greedy
 from tests.support.tools import require_tool
+from tests.support.uploading import upload_files
 
 pytestmark = pytest.mark.slow
 
@@ -48,16 +51,7 @@ def references(model_dir) -> dict[str, str]:
     return dict(zip(PROMPTS, hf_greedy(model_dir, PROMPTS, MAX_TOKENS), strict=True))
 
 
-def upload(url: str, name: str, folder) -> httpx.Response:
-    files = {
-        "config": (folder / "adapter_config.json").read_bytes(),
-        "weights": (folder / "adapter_model.safetensors").read_bytes(),
-    }
-    headers = {"Authorization": f"Bearer {live.ADMIN_TOKEN}"}
-    return httpx.post(f"{url}/adapters", data={"name": name}, files=files, headers=headers, timeout=300)
-
-
-def upload_decisive(url: str, base, work, name: str, seed: int) -> tuple:
+def upload_decisive(server: live.LiveServer, base, work, name: str, seed: int) -> tuple:
     """Upload a random adapter: (its folder, transformers' answers on its merged checkpoint).
 
     The tiny random Llama has near-tied logits, so now and then an adapter's fp32 greedy path turns on
@@ -66,7 +60,7 @@ def upload_decisive(url: str, base, work, name: str, seed: int) -> tuple:
     """
     for attempt in range(4):
         folder = write_random_adapter(work / f"{name}-{attempt}", base, seed=seed + 100 * attempt, scale=0.3)
-        response = upload(url, name, folder)
+        response = upload_files(server, name, folder)
         if response.status_code == 201:
             merge(base, folder, work / f"{name}-merged", progress=False)
             return folder, references(work / f"{name}-merged")
@@ -74,10 +68,16 @@ def upload_decisive(url: str, base, work, name: str, seed: int) -> tuple:
     raise AssertionError(f"{name}: four seeds refused by verification")
 
 
+class Cluster(NamedTuple):
+    urls: list[str]  # the replicas'
+    servers: list[live.LiveServer]
+    hashed: rp.Proxy  # HAProxy hashing on model
+    round_robin: rp.Proxy  # the same config balancing round robin
+    adapters: dict[str, tuple]  # name -> (folder, {prompt: transformers' greedy answer on its merged checkpoint})
+
+
 @pytest.fixture(scope="module")
-def cluster(tiny_base, tmp_path_factory):
-    """(replica URLs, their LiveServers, HAProxy hashing on model, HAProxy round robin, the adapters uploaded:
-    name -> (folder, {prompt: transformers' greedy answer on its merged checkpoint}))."""
+def cluster(tiny_base, tmp_path_factory) -> Iterator[Cluster]:
     haproxy_binary = require_tool("haproxy")
     work, base = tmp_path_factory.mktemp("replicas"), tiny_base("llama")
     with contextlib.ExitStack() as stack:
@@ -87,22 +87,22 @@ def cluster(tiny_base, tmp_path_factory):
             )
             for i in (1, 2)
         ]
+        made = {name: upload_decisive(started[0], base, work, name, seed) for seed, name in enumerate(ADAPTERS, 1)}
         urls = [server.url for server in started]
-        made = {name: upload_decisive(urls[0], base, work, name, seed) for seed, name in enumerate(ADAPTERS, 1)}
         servers = [url.removeprefix("http://") for url in urls]
         hashed, _ = stack.enter_context(rp.haproxy(haproxy_binary, servers, work))
         round_robin, _ = stack.enter_context(rp.haproxy(haproxy_binary, servers, work, balance="roundrobin"))
-        yield urls, started, hashed, round_robin, made
+        yield Cluster(urls, started, hashed, round_robin, made)
 
 
 @pytest.fixture(scope="module")
-def adapters(cluster) -> dict[str, tuple]:
-    return cluster[4]
+def adapters(cluster: Cluster) -> dict[str, tuple]:
+    return cluster.adapters
 
 
 def played(cluster, proxy: rp.Proxy, requests: list[tuple[str, str]], concurrency: int = 1):
     """(answers, swaps per 100 requests over both replicas)."""
-    urls = cluster[0]
+    urls = cluster.urls
     before = sum(rp.swaps(url) for url in urls)
     answers = rp.send(proxy.url, requests, concurrency, MAX_TOKENS)
     return answers, 100 * (sum(rp.swaps(url) for url in urls) - before) / len(requests)
@@ -111,9 +111,11 @@ def played(cluster, proxy: rp.Proxy, requests: list[tuple[str, str]], concurrenc
 @pytest.fixture(scope="module")
 def runs(cluster):
     """The same traffic through HAProxy hashing on `model`, then through round robin."""
-    _, _, hashed, round_robin, _ = cluster
     requests = traffic(REQUESTS, seed=0)
-    return {"hash": played(cluster, hashed, requests), "roundrobin": played(cluster, round_robin, requests)}
+    return {
+        "hash": played(cluster, cluster.hashed, requests),
+        "roundrobin": played(cluster, cluster.round_robin, requests),
+    }
 
 
 def wrong(answers, adapters) -> list:
@@ -150,7 +152,7 @@ def test_hashing_on_model_swaps_far_less_than_round_robin(runs):
 
 def test_the_replica_header_names_the_answering_replica_and_what_it_holds(runs, cluster):
     answers, _ = runs["hash"]
-    names = {httpx.get(f"{url}/health").headers[rp.REPLICA_HEADER] for url in cluster[0]}
+    names = {httpx.get(f"{url}/health").headers[rp.REPLICA_HEADER] for url in cluster.urls}
     assert {a.replica for a in answers} == names
     assert all(a.model in a.resident.split(",") for a in answers)
 
@@ -158,7 +160,7 @@ def test_the_replica_header_names_the_answering_replica_and_what_it_holds(runs, 
 def test_a_body_longer_than_the_default_buffer_is_still_routed_by_model(runs, cluster):
     answers, _ = runs["hash"]
     home = {a.model: a.replica for a in answers}
-    _, _, hashed, _, _ = cluster
+    hashed = cluster.hashed
     for model in ADAPTERS[:4]:
         body = {"prompt": PROMPTS[0], "max_tokens": 2, "user": "x" * 100_000, "model": model}  # model after 100 kB
         response = httpx.post(f"{hashed.url}/v1/completions", json=body, timeout=120)
@@ -167,7 +169,7 @@ def test_a_body_longer_than_the_default_buffer_is_still_routed_by_model(runs, cl
 
 
 def test_a_burst_for_one_adapter_overflows_to_the_other_replica(cluster, adapters):
-    _, _, hashed, _, _ = cluster
+    hashed = cluster.hashed
     answers = rp.send(hashed.url, [(ADAPTERS[0], PROMPTS[0])] * 16, concurrency=8, max_tokens=MAX_TOKENS)
     assert not wrong(answers, adapters)
     assert len({a.replica for a in answers}) == 2, "hash-balance-factor bounds a replica's share of the load"
@@ -185,7 +187,7 @@ def completions_served(replica_url: str) -> float:
 
 
 def test_a_killed_replica_loses_at_most_its_requests_in_flight(cluster, adapters):
-    urls, servers, hashed, _, _ = cluster
+    urls, servers, hashed = cluster.urls, cluster.servers, cluster.hashed
     victim = httpx.get(f"{urls[1]}/health").headers[rp.REPLICA_HEADER]
     requests = traffic(80, seed=1)
     served_before, killed_at = completions_served(urls[1]), []
