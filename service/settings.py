@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     max_model_len: int | None = Field(default=None, gt=0)  # longest prompt + completion; None: the model's own
     max_num_seqs: int = Field(default=64, gt=0)  # sequences one engine decodes together
     max_resident: int = Field(default=1, gt=0)  # engines, each holding one model's weights (1 on CPU)
-    max_waiting: int = Field(default=256, gt=0)  # queued requests over all models; beyond it: 429
+    max_waiting: int = Field(default=256, gt=0)  # queued over all models, beyond free engine places; then 429
     time_slice_s: float = Field(default=2.0, gt=0)  # how long a busy model keeps an engine while others wait
     scheduler_mode: SchedulerMode = "auto"  # batched | merged | auto (service/scheduling/policy.py)
     merged_after_s: float = Field(default=10.0, ge=0)  # auto: a model alone this long gets merged weights

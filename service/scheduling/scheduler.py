@@ -228,9 +228,14 @@ class Scheduler:
             self._release(slot, model)
 
     def check_room(self) -> None:
-        """QueueFullError if a request arriving now would be refused; the HTTP layer asks before any work on a body."""
+        """QueueFullError if a request arriving now would be refused; the HTTP layer asks before any work on a body.
+
+        The places engines have free count as room: a burst that arrives before the dispatcher's next turn
+        is queued for a moment, yet max_num_seqs of it are about to run, not wait.
+        """
         waiting = sum(len(queue) for queue in self.queues.values())
-        if waiting >= self.settings.max_waiting:
+        free = sum(max(0, self.settings.max_num_seqs - slot.busy) for slot in self.slots if not slot.draining)
+        if waiting - free >= self.settings.max_waiting:
             raise QueueFullError(waiting, max(1, math.ceil(self.settings.time_slice_s)))
 
     def _enqueue(self, model: str) -> Ticket:

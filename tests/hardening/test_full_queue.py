@@ -51,6 +51,7 @@ def vllm_server(tiny_dir, tmp_path_factory):
 @contextlib.contextmanager
 def queue_held_full(server):
     """Stop the engine core and fill every running and waiting place; on exit let it go: the holders get 200."""
+    assert server.wait_idle() == (0, 0), "the previous test's requests still hold places"
     core = psutil.Process(server.process.pid).children()
     statuses: list[int] = []
     holders = [threading.Thread(target=hold, args=(server, statuses)) for _ in range(HOLDERS)]

@@ -89,11 +89,13 @@ def test_a_request_cancelled_while_queued_leaves_the_queue(event_loop_thread, sc
     assert event_loop_thread.run(run()) == (0, 0)
 
 
-def test_a_full_queue_refuses_with_a_retry_hint(event_loop_thread, scheduler):
-    limit = scheduler.settings.max_waiting
+def test_a_burst_fills_the_running_and_waiting_places_and_the_next_is_refused_with_a_retry_hint(
+    event_loop_thread, scheduler
+):
+    room = scheduler.settings.max_num_seqs * len(scheduler.slots) + scheduler.settings.max_waiting
 
     async def run():
-        streams = [scheduler.generate("qv", request(PROMPTS[0], max_tokens=2)) for _ in range(limit + 1)]
+        streams = [scheduler.generate("qv", request(PROMPTS[0], max_tokens=2)) for _ in range(room + 1)]
         firsts = [asyncio.ensure_future(anext(s)) for s in streams]
         await asyncio.sleep(0.05)  # every request has been queued or refused; at most max_num_seqs run
         results = [f.exception() if f.done() and not f.cancelled() else None for f in firsts]
