@@ -48,9 +48,9 @@ from benchmarks.scoring import (
 from merger.artifact import Adapter
 from merger.fs import write_atomic
 from merger.kinds import ModuleAdapter
+from merger.logits import mean_kl
 from merger.merge import merge
 from merger.unmerged import load_unmerged, model_shapes, module_path
-from merger.verify import mean_kl
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # On 2 cores shared with other work, torch's OpenMP threads spin-wait on each other: one forward of the

@@ -39,6 +39,7 @@ from merger.errors import D2LoraError
 from merger.formula import FusionError
 from merger.fs import PICKLE_WEIGHTS, WEIGHT_SUFFIXES, atomic_dir, atomic_file, write_atomic
 from merger.kinds import AdapterKind, ModuleAdapter
+from merger.memory import give_back_free_memory, giving_back
 
 DEFAULT_MAX_SHARD_BYTES = 2 << 30
 # torch intra-op threads while fusing.  The merge is I/O-bound and its maths (a few
@@ -181,6 +182,7 @@ def write_merged_shards(
                     layer = layer_of(spec.name)
                     left[layer] -= 1
                     if not left[layer]:
+                        give_back_free_memory()
                         bar.update()
     write_index(out_dir, shards)
     return len(specs), sum(s.nbytes for s in specs)
@@ -275,7 +277,7 @@ def fuse_into_file(
             ShardWriter(tmp, specs, exclusive=False) as writer,
             intra_op_threads(threads),
         ):
-            for module, spec in zip(bound, specs, strict=True):
+            for module, spec in giving_back(zip(bound, specs, strict=True)):
                 fused = adapter.kind.fuse(reader.read(module.weight_key), module)  # fp32, stored layout
                 writer.write(spec.name, _cast_fused(fused, SAFETENSORS_DTYPES[spec.dtype], module))
     return FuseResult(Path(out_file), time.perf_counter() - start, len(bound), sum(s.nbytes for s in specs))

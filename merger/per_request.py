@@ -31,6 +31,7 @@ from merger.checkpoint import CheckpointReader
 from merger.errors import D2LoraError
 from merger.fs import save_atomic, write_atomic
 from merger.kinds import ModuleAdapter
+from merger.memory import giving_back
 from merger.merge import atomic_output_dir, check_float_targets, check_out_dir
 
 ROW_SCALE_NAME = "d2lora_row_scale.safetensors"
@@ -56,10 +57,11 @@ def load_adapter(adapter: str | Path | Adapter, limits: ArchiveLimits = DEFAULT_
 
 
 def bound_modules(reader: CheckpointReader, adapter: Adapter) -> Iterator[tuple[ModuleAdapter, torch.Tensor]]:
-    """Every adapted module with its base weight as stored, read one tensor at a time."""
+    """Every adapted module with its base weight as stored, read one tensor at a time (the free memory
+    given back after each module's work)."""
     bound = adapter.bind(reader.shapes())
     check_float_targets(reader, bound)
-    for module in bound:
+    for module in giving_back(bound):
         yield module, reader.read(module.weight_key)
 
 

@@ -121,15 +121,16 @@ def teacher_forced_logits(model: nn.Module, probes: ProbeBatch, continuation: to
     return out.logits[mask.bool()].float()  # (probes, seq, vocab) -> (positions, vocab)
 
 
-def continuation_top1(logits: torch.Tensor, probes: ProbeBatch, continuation: torch.Tensor) -> torch.Tensor:
-    """The model's own next token at each step of a teacher-forced continuation.  (positions, vocab) -> (probes, new)
+def continuation_top1(argmax: torch.Tensor, probes: ProbeBatch, continuation: torch.Tensor) -> torch.Tensor:
+    """The model's own next token at each step of a teacher-forced continuation, from its argmax at every
+    non-pad position.  (positions,) -> (probes, new)
 
     Column t is its argmax after prompt + continuation[:, :t]: where every earlier column equals the
     continuation, that is the token its own greedy decode picks next.
     """
     _, mask = forced_inputs(probes, continuation)  # (probes, seq)
     top1 = torch.full(mask.shape, -1, dtype=torch.long)
-    top1[mask.bool()] = logits.argmax(dim=-1)
+    top1[mask.bool()] = argmax
     first = probes.input_ids.shape[1] - 1  # left-padded: every prompt ends in this column
     return top1[:, first : first + continuation.shape[1]]
 

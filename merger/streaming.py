@@ -24,10 +24,7 @@ unmerged) plus the activations, whatever the model's size.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import dataclasses
-import functools
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,6 +36,7 @@ from torch import nn
 from merger.artifact import Adapter
 from merger.checkpoint import MappedTensor, StoredTensor
 from merger.errors import D2LoraError
+from merger.memory import give_back_free_memory
 from merger.unmerged import apply_unmerged
 
 if TYPE_CHECKING:
@@ -49,24 +47,6 @@ LINEAR_BLOCK_BYTES = 16 << 20  # a streamed Linear multiplies a block of weight 
 
 class StreamError(D2LoraError):
     """The checkpoint cannot be streamed through its transformers model (missing tensors, other shapes)."""
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    library = ctypes.CDLL(name) if name else None
-    return getattr(library, "malloc_trim", None)
-
-
-def give_back_free_memory() -> None:
-    """Return the allocator's free pages to the system (glibc; elsewhere nothing).
-
-    A KV cache grows by concatenation at every layer of every step, and the freed smaller copies
-    fragment the heap: at 40 layers that held ~100 MiB more than the live tensors.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 class TensorPool:
@@ -409,5 +389,5 @@ def lockstep_layers(
         if after_layer is not None:
             after_layer(index)
         pool.close()
-        give_back_free_memory()
+        give_back_free_memory()  # a KV cache grows by concatenation: its old copies fragment the heap
     return hidden

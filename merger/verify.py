@@ -13,7 +13,8 @@ At each step of the path the unmerged model's top-1 is what its own greedy decod
 long as the path so far is its own, so the first step where that top-1 differs from the path is
 where the two greedy decodes part: one decode is enough.  A reduced-precision merge is also judged
 against the dtype floor, the base alone in float32 vs that dtype run the same way in the same
-passes (or read from a merger.floors.FloorCache).  Metric definitions and thresholds: merger.report.
+passes (or read from a merger.floors.FloorCache).  Metric definitions and thresholds: merger.report;
+the logit metrics are tallied a block of positions at a time (merger.logits).
 
 The merged model is a merged checkpoint folder (`merged_dir`), a file of fused tensors over the base
 (`fused`: what the server keeps), or, with neither, the adapter fused into a temporary file.
@@ -38,6 +39,7 @@ from merger.dtypes import SAFETENSORS_DTYPES, dtype_name
 from merger.errors import D2LoraError
 from merger.floors import FloorCache, floor_key
 from merger.kinds import ModuleAdapter
+from merger.logits import LogitTally, first_divergence
 from merger.merge import fuse_into_file, layer_bar, resolve_dtype
 from merger.probes import (
     NEW_TOKENS,
@@ -54,52 +56,11 @@ from merger.tensorcheck import TensorChecks, tensor_name_problems
 
 REFERENCE_DTYPE = torch.float32
 REFERENCE_NAME = "float32"
-POSITION_BLOCK = 16  # logit metrics go this many positions at a time (their float64 temporaries: positions × vocab)
+LOGIT_BLOCK = 128  # positions whose logits a model forms at once (its head is streamed once per block)
 
 
 class VerifyError(D2LoraError):
     """verify cannot run (bad arguments, a merged model that does not fit the base)."""
-
-
-# metrics (merger.report defines them)
-
-
-def first_divergence(reference: torch.Tensor, merged: torch.Tensor) -> list[int | None]:
-    """Per probe, the index of the first differing greedy token, or None.  (probes, new) -> [probes]"""
-    differs = reference != merged  # (probes, new)
-    return [int(row.nonzero()[0]) if bool(row.any()) else None for row in differs]
-
-
-def mean_kl(reference: torch.Tensor, merged: torch.Tensor) -> float:
-    """Mean over positions of KL(p_ref ‖ p_merged), float64.  (positions, vocab) -> float"""
-    total = torch.zeros((), dtype=torch.float64)
-    for ref, other in zip(reference.split(POSITION_BLOCK), merged.split(POSITION_BLOCK), strict=True):
-        log_ref = torch.log_softmax(ref.double(), dim=-1)
-        log_merged = torch.log_softmax(other.double(), dim=-1)
-        total += (log_ref.exp() * (log_ref - log_merged)).sum()
-    return float(total / reference.shape[0])
-
-
-def logit_metrics(
-    reference: torch.Tensor, merged: torch.Tensor, divergence: Sequence[int | None], new_tokens: int
-) -> LogitMetrics:
-    """reference, merged: (positions, vocab) float32 on the same inputs; divergence: first_divergence per probe."""
-    worst, largest = torch.zeros(()), torch.zeros(())  # torch.maximum keeps a NaN
-    agreeing = 0
-    for ref, other in zip(reference.split(POSITION_BLOCK), merged.split(POSITION_BLOCK), strict=True):
-        worst = torch.maximum(worst, (other - ref).abs().max())
-        largest = torch.maximum(largest, ref.abs().max())
-        agreeing += int((other.argmax(-1) == ref.argmax(-1)).sum())
-    agreed = sum(new_tokens if d is None else d for d in divergence)
-    return LogitMetrics(
-        positions=reference.shape[0],
-        max_abs_logit_diff=worst.item(),
-        relative_logit_error=(worst / largest).item(),
-        mean_kl=mean_kl(reference, merged),
-        top1_agreement=agreeing / reference.shape[0],
-        greedy_agreement=agreed / (len(divergence) * new_tokens),
-        greedy_first_divergence=tuple(divergence),
-    )
 
 
 # the merged model's tensors
@@ -182,10 +143,12 @@ def _merged_model(source: MergedSource, dtype: torch.dtype, pool: TensorPool) ->
 def _pair_metrics(
     reference: StreamedModel, other: StreamedModel, hidden: Sequence[torch.Tensor], probes: ProbeBatch, path
 ) -> LogitMetrics:
-    """Metrics of `other` against `reference`, teacher-forced along `other`'s greedy path."""
-    reference_logits = reference.logits(hidden[0])  # (positions, vocab)
-    divergence = first_divergence(continuation_top1(reference_logits, probes, path), path)
-    return logit_metrics(reference_logits, other.logits(hidden[1]), divergence, path.shape[1])
+    """Metrics of `other` against `reference`, teacher-forced along `other`'s greedy path.  hidden: [(positions, h)]"""
+    tally = LogitTally()
+    for reference_hidden, other_hidden in zip(hidden[0].split(LOGIT_BLOCK), hidden[1].split(LOGIT_BLOCK), strict=True):
+        tally.add(reference.logits(reference_hidden), other.logits(other_hidden))  # (block, vocab) each
+    divergence = first_divergence(continuation_top1(tally.top1(), probes, path), path)
+    return tally.metrics(divergence, path.shape[1])
 
 
 def compare_on_probes(

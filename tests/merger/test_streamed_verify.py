@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from merger import streaming
+from merger import streaming, verify
 from merger.checkpoint import file_tensors
 from merger.merge import merge
 from merger.probes import NEW_TOKENS
@@ -60,6 +60,25 @@ def test_linears_streamed_in_many_row_blocks_give_the_same_verdict(
     assert streamed.logits.greedy_first_divergence == whole.logits.greedy_first_divergence
     assert streamed.logits.top1_agreement == whole.logits.top1_agreement == 1.0
     assert 0 < streamed.logits.relative_logit_error < Thresholds.for_dtype(torch.float32).max_relative_logit_error
+
+
+@pytest.mark.slow
+def test_logits_formed_a_few_positions_at_a_time_give_the_whole_models_metrics(
+    tiny_base, adapter_dir, merged_dir, monkeypatch
+):
+    """The logit metrics tallied over blocks of 7 positions (each model's head streamed once per block, the
+    last block short): the whole model's metrics, the dtype floor's too."""
+    monkeypatch.setattr(verify, "LOGIT_BLOCK", 7)
+    streamed = streamed_run(
+        tiny_base("llama"), adapter_dir("llama"), merged_dir("llama", torch.bfloat16), torch.bfloat16
+    )
+    whole = whole_model_run(
+        tiny_base("llama"), adapter_dir("llama"), merged_dir("llama", torch.bfloat16), torch.bfloat16
+    )
+    assert streamed.logits.positions % 7 != 0
+    assert_same_metrics(streamed.logits, whole.logits)
+    assert streamed.floor is not None
+    assert_same_metrics(streamed.floor, whole_model_floor(tiny_base("llama"), torch.bfloat16).logits)
 
 
 @pytest.mark.slow

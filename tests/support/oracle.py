@@ -16,10 +16,11 @@ from transformers import AutoModelForCausalLM
 
 from merger.artifact import Adapter
 from merger.checkpoint import CheckpointReader
+from merger.logits import first_divergence, logit_metrics
 from merger.probes import NEW_TOKENS, build_probes, greedy_continuations, load_tokenizer, teacher_forced_logits
 from merger.report import LogitMetrics
 from merger.unmerged import load_unmerged
-from merger.verify import ProbeComparison, compare_on_probes, first_divergence, logit_metrics, merged_source
+from merger.verify import ProbeComparison, compare_on_probes, merged_source
 
 
 @dataclasses.dataclass(frozen=True)
