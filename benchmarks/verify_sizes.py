@@ -9,11 +9,12 @@ with a D²-LoRA r=8 adapter on q/k/v/o.  For each one, in this order:
               CLI's imports, peak RSS = the child's VmHWM at exit)
     verify    `d2lora verify --merged` of that merge, measured the same way
     upload    `POST /adapters?wait=true` to a live `d2lora serve --engine transformers` (engine in
-              bfloat16), twice: the first to a fresh data dir computes the dtype floor, the second (the
-              same adapter under another name) reads it from the data dir's cache, as every later
-              upload for that base does; wall = the request, peak RSS = the server's VmHWM during it,
-              reset to its RSS just before (/proc/PID/clear_refs) minus that RSS: what the upload adds
-              to a server that already holds its engine
+              bfloat16; the fused tensors keep the base's dtype), twice: on a bf16 base the first, to a
+              fresh data dir, computes the dtype floor and the second (the same adapter under another
+              name) reads it from the data dir's cache, as every later upload for that base does (an
+              fp32 upload has no floor: its second is a repeat); wall = the request, peak RSS = the
+              server's VmHWM during it, reset to its RSS just before (/proc/PID/clear_refs) minus that
+              RSS: what the upload adds to a server that already holds its engine
 
 Targets (issue 13): verify ≤ 4× merge; verify and upload peak RSS ≤ 25% of the checkpoint at 1B and
 within 20% from 1B to 3B; an upload ≤ 3× the merge.  Rows are kept in --json and the table in --md
@@ -133,7 +134,7 @@ def timed_upload(server, name: str, adapter: Path) -> dict:
 
 
 def measure_uploads(base: Path, adapter: Path, work: Path) -> tuple[dict, dict]:
-    """The first upload to a fresh server (it computes the dtype floor) and a second (the floor cached)."""
+    """The first upload to a fresh server (a bf16 one computes the dtype floor) and a second (the floor cached)."""
     from tests.support.live import LiveServer
 
     data_dir, logs = work / "upload-data", work / "upload-logs"

@@ -1,8 +1,8 @@
 """The logit metrics of `d2lora verify` (merger.report defines them), a block of positions at a time.
 
-Two models' logits over a vocabulary of 128k are 0.5 MiB per position each in float32, so the
-probes' few hundred positions would hold ~360 MiB for a pair at once; a `LogitTally` takes them a
-block at a time and keeps only maxima, sums and each position's top-1.
+Over a vocabulary of 128k (Llama 3's) a model's float32 logits are 0.5 MiB per position, so the
+probes' ~500 positions would hold ~500 MiB for a pair at once; a `LogitTally` takes them a block of
+positions at a time and keeps only maxima, sums and each position's top-1.
 """
 
 from __future__ import annotations
