@@ -181,8 +181,8 @@ def _upload_cell(upload: dict, row: dict) -> str:
 
 
 def table(rows: list[dict], baseline_rss: int) -> str:
-    headers = ["checkpoint", "cp -r", "merge", "verify --merged", "upload (POST)", "upload, floor cached",
-               "verify ÷ merge", "upload ÷ merge (cached)", "CPU s: merge / verify / upload", "load"]  # fmt: skip
+    headers = ["checkpoint", "cp -r", "merge", "verify --merged", "upload (POST)", "second upload (bf16: floor cached)",
+               "verify ÷ merge", "upload ÷ merge (second)", "CPU s: merge / verify / upload", "load"]  # fmt: skip
     lines = []
     for r in rows:
         merge, verify, upload = r["merge"], r["verify"], r["upload"]
@@ -212,7 +212,7 @@ def write_results(record: dict, md_path: Path, json_path: Path) -> None:
     stages = [
         f"- {r['size']} {r['dtype']}: " + "; ".join(r[key]["stages"]) + suffix
         for r in rows
-        for key, suffix in (("upload", ""), ("upload_cached", " (floor cached)"))
+        for key, suffix in (("upload", ""), ("upload_cached", " (second upload)"))
         if key in r
     ]
     text = "\n\n".join([
