@@ -163,7 +163,7 @@ def measure_row(size: str, dtype: str, work: Path) -> dict:
         row["verify"] = measure_cli(["verify", "--base", str(base), "--adapter", str(adapter), "--merged", str(merged)])
     finally:
         shutil.rmtree(merged, ignore_errors=True)
-    row["upload"], row["upload_cached"] = measure_uploads(base, adapter, work)
+    row["upload"], row["second_upload"] = measure_uploads(base, adapter, work)
     return row
 
 
@@ -185,8 +185,7 @@ def table(rows: list[dict], baseline_rss: int) -> str:
                "verify ÷ merge", "upload ÷ merge (second)", "CPU s: merge / verify / upload", "load"]  # fmt: skip
     lines = []
     for r in rows:
-        merge, verify, upload = r["merge"], r["verify"], r["upload"]
-        cached = r.get("upload_cached")  # rows measured before the second upload was added have none
+        merge, verify, upload, second = r["merge"], r["verify"], r["upload"], r["second_upload"]
         verified = "" if verify["exit"] == 0 else " FAILED"
         lines.append([
             f"{r['size']} {r['dtype']}, {r['checkpoint_bytes'] / 1e9:.1f} GB",
@@ -194,10 +193,9 @@ def table(rows: list[dict], baseline_rss: int) -> str:
             f"{merge['seconds']:.1f} s, {_share(merge['peak_rss_bytes'], r)}",
             f"{verify['seconds']:.1f} s, {_share(verify['peak_rss_bytes'], r)}{verified}",
             _upload_cell(upload, r),
-            "—" if cached is None else _upload_cell(cached, r),
+            _upload_cell(second, r),
             f"{verify['seconds'] / merge['seconds']:.2f}",
-            f"{upload['seconds'] / merge['seconds']:.2f}"
-            + ("" if cached is None else f" ({cached['seconds'] / merge['seconds']:.2f})"),
+            f"{upload['seconds'] / merge['seconds']:.2f} ({second['seconds'] / merge['seconds']:.2f})",
             f"{merge['cpu_s']:.0f} / {verify['cpu_s']:.0f} / {upload['cpu_s']:.0f}",
             f"{r['load_average_end'][0]:.1f}",
         ])  # fmt: skip
@@ -212,8 +210,7 @@ def write_results(record: dict, md_path: Path, json_path: Path) -> None:
     stages = [
         f"- {r['size']} {r['dtype']}: " + "; ".join(r[key]["stages"]) + suffix
         for r in rows
-        for key, suffix in (("upload", ""), ("upload_cached", " (second upload)"))
-        if key in r
+        for key, suffix in (("upload", ""), ("second_upload", " (second upload)"))
     ]
     text = "\n\n".join([
         "# Merge, verify and upload at real model sizes (issue 13)",

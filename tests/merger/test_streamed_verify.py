@@ -69,16 +69,13 @@ def test_logits_formed_a_few_positions_at_a_time_give_the_whole_models_metrics(
     """The logit metrics tallied over blocks of 7 positions (each model's head streamed once per block, the
     last block short): the whole model's metrics, the dtype floor's too."""
     monkeypatch.setattr(verify, "LOGIT_BLOCK", 7)
-    streamed = streamed_run(
-        tiny_base("llama"), adapter_dir("llama"), merged_dir("llama", torch.bfloat16), torch.bfloat16
-    )
-    whole = whole_model_run(
-        tiny_base("llama"), adapter_dir("llama"), merged_dir("llama", torch.bfloat16), torch.bfloat16
-    )
+    base, adapter, merged = tiny_base("llama"), adapter_dir("llama"), merged_dir("llama", torch.bfloat16)
+    streamed = streamed_run(base, adapter, merged, torch.bfloat16)
+    whole = whole_model_run(base, adapter, merged, torch.bfloat16)
     assert streamed.logits.positions % 7 != 0
     assert_same_metrics(streamed.logits, whole.logits)
     assert streamed.floor is not None
-    assert_same_metrics(streamed.floor, whole_model_floor(tiny_base("llama"), torch.bfloat16).logits)
+    assert_same_metrics(streamed.floor, whole_model_floor(base, torch.bfloat16).logits)
 
 
 @pytest.mark.slow
