@@ -26,7 +26,7 @@ from merger.fs import write_atomic
 from merger.probes import NEW_TOKENS, ProbeBatch
 from merger.report import LogitMetrics
 
-FLOOR_FORMAT = 1  # bump when the floor is computed differently
+FLOOR_FORMAT = 2  # bump when the floor is computed differently
 
 
 def floor_key(base_dir: Path, dtype: torch.dtype, probes: ProbeBatch) -> str:

@@ -3,12 +3,14 @@
 Eight short, varied prompts (facts, code, arithmetic, a list, JSON, prose, a
 question; the eighth goes through the base's chat template when it has one),
 tokenized by the base's tokenizer and left-padded into one batch.  A model is
-run (1) greedily for NEW_TOKENS tokens with a KV cache and (2) teacher-forced on
-prompt + a given continuation, so two models' logits are compared position by
-position on identical inputs.  Each exists for a whole transformers model
-(greedy_continuations, teacher_forced_logits) and for merger.streaming's
-models stepping through the layers together (streamed_greedy,
-streamed_forced_hidden): the same calls, the same numbers.
+run (1) greedily for NEW_TOKENS tokens with a KV cache, keeping its logits at
+every position of prompt + path (one step past the last token, so they are the
+positions a teacher-forced run has), and (2) teacher-forced on prompt + a
+given continuation, so two models' logits are compared position by position
+on identical inputs.  Each exists for a whole transformers model
+(greedy_decode, teacher_forced_logits) and for merger.streaming's models
+stepping through the layers together (streamed_decode, streamed_forced_hidden):
+the same calls, the same numbers.
 """
 
 from __future__ import annotations
@@ -88,13 +90,31 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(dim=1) - 1).clamp(min=0)
 
 
+@dataclasses.dataclass(frozen=True)
+class Decoded:
+    """A model's greedy decode of the probes."""
+
+    path: torch.Tensor  # (probes, new): its greedy tokens
+    states: torch.Tensor  # (positions, ·): logits (whole model) or last hidden states (streamed), at every
+    # non-pad position of prompt + path, in the order teacher_forced_logits gives them
+
+
+def _decoded_positions(probes: ProbeBatch, path: torch.Tensor, columns: list[torch.Tensor]) -> torch.Tensor:
+    """The steps' outputs [(probes, cols, ·)] joined and taken at prompt + path's non-pad positions."""
+    _, mask = forced_inputs(probes, path)  # (probes, seq)
+    return torch.cat(columns, dim=1)[mask.bool()]  # (probes, seq, ·) -> (positions, ·)
+
+
 @torch.inference_mode()
-def greedy_continuations(model: nn.Module, probes: ProbeBatch, new_tokens: int = NEW_TOKENS) -> torch.Tensor:
-    """Exactly new_tokens greedy tokens per probe, with a KV cache; EOS does not stop it.  -> (probes, new_tokens)"""
+def greedy_decode(model: nn.Module, probes: ProbeBatch, new_tokens: int = NEW_TOKENS) -> Decoded:
+    """Exactly new_tokens greedy tokens per probe, with a KV cache (EOS does not stop it), and the float32
+    logits of every step; one step more than the tokens, so the last token's position has logits too."""
     mask = probes.attention_mask  # (probes, seq)
     out = model(input_ids=probes.input_ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True)
-    tokens = [out.logits[:, -1].argmax(dim=-1, keepdim=True)]  # [(probes, 1)]
-    for _ in range(new_tokens - 1):
+    logits = [out.logits.float()]  # [(probes, seq, vocab)], then [(probes, 1, vocab)]
+    tokens: list[torch.Tensor] = []  # [(probes, 1)]
+    for _ in range(new_tokens):
+        tokens.append(logits[-1][:, -1].argmax(dim=-1, keepdim=True))
         mask = torch.cat([mask, torch.ones_like(tokens[-1])], dim=1)
         out = model(
             input_ids=tokens[-1],
@@ -103,8 +123,9 @@ def greedy_continuations(model: nn.Module, probes: ProbeBatch, new_tokens: int =
             past_key_values=out.past_key_values,
             use_cache=True,
         )
-        tokens.append(out.logits[:, -1].argmax(dim=-1, keepdim=True))
-    return torch.cat(tokens, dim=1)  # (probes, new_tokens)
+        logits.append(out.logits.float())
+    path = torch.cat(tokens, dim=1)  # (probes, new_tokens)
+    return Decoded(path, _decoded_positions(probes, path, logits))
 
 
 def forced_inputs(probes: ProbeBatch, continuation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,31 +160,38 @@ AfterLayer = Callable[[int], None]
 
 
 @torch.inference_mode()
-def streamed_greedy(
+def streamed_decode(
     models: Sequence[StreamedModel],
     probes: ProbeBatch,
     new_tokens: int = NEW_TOKENS,
     after_layer: AfterLayer | None = None,
-) -> list[torch.Tensor]:
-    """greedy_continuations for each model, the models stepping through the layers together.  -> [(probes, new)]"""
+) -> list[Decoded]:
+    """greedy_decode for each model, the models stepping through the layers together; each one's last hidden
+    states (StreamedModel.logits turns them into greedy_decode's logits) instead of its logits."""
     mask = probes.attention_mask  # (probes, seq)
     steps = [probes.input_ids] * len(models)  # [(probes, seq)], then [(probes, 1)]
     caches: list[object | None] = [None] * len(models)
     positions = position_ids(mask)
-    tokens: list[list[torch.Tensor]] = [[] for _ in models]
-    for _ in range(new_tokens):
+    tokens: list[list[torch.Tensor]] = [[] for _ in models]  # per model [(probes, 1)]
+    columns: list[list[torch.Tensor]] = [[] for _ in models]  # per model, each step's (probes, cols, hidden)
+    for step in range(new_tokens + 1):
         captured = [
             m.capture(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
             for m, ids, cache in zip(models, steps, caches, strict=True)
         ]
         hidden = lockstep_layers(models, captured, after_layer)  # [(probes, seq, hidden)]
+        for kept, h in zip(columns, hidden, strict=True):
+            kept.append(h)
+        if step == new_tokens:
+            break
         steps = [m.logits(h[:, -1]).argmax(dim=-1, keepdim=True) for m, h in zip(models, hidden, strict=True)]
         caches = [c.cache for c in captured]
-        for chosen, step in zip(tokens, steps, strict=True):
-            chosen.append(step)
+        for chosen, token in zip(tokens, steps, strict=True):
+            chosen.append(token)
         mask = torch.cat([mask, torch.ones_like(steps[0])], dim=1)
         positions = position_ids(mask)[:, -1:]
-    return [torch.cat(chosen, dim=1) for chosen in tokens]
+    paths = [torch.cat(chosen, dim=1) for chosen in tokens]  # [(probes, new_tokens)]
+    return [Decoded(p, _decoded_positions(probes, p, c)) for p, c in zip(paths, columns, strict=True)]
 
 
 @torch.inference_mode()

@@ -4,14 +4,16 @@ The reference is the base in float32 with the adapter applied on the fly (merger
 merged model runs in the dtype its tensors hold.  Both are read from their checkpoints a layer at
 a time (merger.streaming), so memory stays about one layer whatever the model's size:
 
-1. the merged model decodes NEW_TOKENS greedy tokens per probe with a KV cache: its greedy path;
-2. both models are teacher-forced along that path, stepping through the layers together; while a
-   layer's tensors are mapped they are also checked, adapted weights against Ŵ in float64 and every
-   other tensor against the base (merger.tensorcheck).
+1. the merged model decodes NEW_TOKENS greedy tokens per probe with a KV cache: its greedy path, and
+   its logits at every position of prompt + path (one step past the path's last token);
+2. the unmerged reference is teacher-forced along that path; while a layer's tensors are mapped
+   they are also checked, adapted weights against Ŵ in float64 and every other tensor against the
+   base (merger.tensorcheck).
 
 At each step of the path the unmerged model's top-1 is what its own greedy decode would pick as
 long as the path so far is its own, so the first step where that top-1 differs from the path is
-where the two greedy decodes part: one decode is enough.  A reduced-precision merge is also judged
+where the two greedy decodes part: one decode is enough, and the merged model's logits are its
+decode's, so it needs no teacher-forced pass of its own.  A reduced-precision merge is also judged
 against the dtype floor, the base alone in float32 vs that dtype run the same way in the same
 passes (or read from a merger.floors.FloorCache).  Metric definitions and thresholds: merger.report;
 the logit metrics are tallied a block of positions at a time (merger.logits).
@@ -27,7 +29,7 @@ import contextlib
 import dataclasses
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -43,12 +45,13 @@ from merger.logits import LogitTally, first_divergence
 from merger.merge import fuse_into_file, layer_bar, resolve_dtype
 from merger.probes import (
     NEW_TOKENS,
+    Decoded,
     ProbeBatch,
     build_probes,
     continuation_top1,
     load_tokenizer,
+    streamed_decode,
     streamed_forced_hidden,
-    streamed_greedy,
 )
 from merger.report import EquivalenceReport, LogitMetrics, Thresholds
 from merger.streaming import StreamedModel, StreamError, TensorPool
@@ -141,14 +144,16 @@ def _merged_model(source: MergedSource, dtype: torch.dtype, pool: TensorPool) ->
 
 @torch.inference_mode()
 def _pair_metrics(
-    reference: StreamedModel, other: StreamedModel, hidden: Sequence[torch.Tensor], probes: ProbeBatch, path
+    reference: StreamedModel, forced: torch.Tensor, other: StreamedModel, decoded: Decoded, probes: ProbeBatch
 ) -> LogitMetrics:
-    """Metrics of `other` against `reference`, teacher-forced along `other`'s greedy path.  hidden: [(positions, h)]"""
+    """Metrics of `other` against `reference` teacher-forced along other's greedy path.  forced: (positions, h)"""
     tally = LogitTally()
-    for reference_hidden, other_hidden in zip(hidden[0].split(LOGIT_BLOCK), hidden[1].split(LOGIT_BLOCK), strict=True):
+    for reference_hidden, other_hidden in zip(
+        forced.split(LOGIT_BLOCK), decoded.states.split(LOGIT_BLOCK), strict=True
+    ):
         tally.add(reference.logits(reference_hidden), other.logits(other_hidden))  # (block, vocab) each
-    divergence = first_divergence(continuation_top1(tally.top1(), probes, path), path)
-    return tally.metrics(divergence, path.shape[1])
+    divergence = first_divergence(continuation_top1(tally.top1(), probes, decoded.path), decoded.path)
+    return tally.metrics(divergence, decoded.path.shape[1])
 
 
 def compare_on_probes(
@@ -162,13 +167,17 @@ def compare_on_probes(
     with_floor: bool,
     progress: bool | None = None,
 ) -> tuple[ProbeComparison, TensorChecks]:
-    """The two streamed passes (greedy decode, then teacher-forced with the tensor checks), and their metrics."""
+    """The two streamed passes (greedy decode, then teacher-forced with the tensor checks), and their metrics.
+
+    With the floor, the base in `dtype` decodes beside the merged model and the base in float32 is
+    teacher-forced along its path beside the reference.
+    """
     pool = TensorPool()
     reference = StreamedModel(base_dir, base, REFERENCE_DTYPE, pool, adapter=adapter)
     merged = _merged_model(source, dtype, pool)
     floor_models = [StreamedModel(base_dir, base, d, pool) for d in (REFERENCE_DTYPE, dtype)] if with_floor else []
     checks = TensorChecks(pool, base, source.tensors, adapter.kind, bound)
-    with layer_bar("verify", len(reference.layers) * (NEW_TOKENS + 1), progress) as bar:
+    with layer_bar("verify", len(reference.layers) * (NEW_TOKENS + 2), progress) as bar:
 
         def after_decoding_layer(index: int) -> None:
             bar.update()
@@ -177,14 +186,13 @@ def compare_on_probes(
             checks.check({*reference.layer_keys(index), *merged.layer_keys(index)})
             bar.update()
 
-        paths = streamed_greedy([merged, *floor_models[1:]], probes, NEW_TOKENS, after_decoding_layer)
-
-        continuations = [paths[0], paths[0]] + [paths[-1]] * len(floor_models)  # each pair along its own path
-        hidden = streamed_forced_hidden([reference, merged, *floor_models], probes, continuations, after_layer)
+        decoded = streamed_decode([merged, *floor_models[1:]], probes, NEW_TOKENS, after_decoding_layer)
+        paths = [d.path for d in decoded]  # the merged model's, then the low-precision base's
+        forced = streamed_forced_hidden([reference, *floor_models[:1]], probes, paths, after_layer)
     checks.check_rest()
-    logits = _pair_metrics(reference, merged, hidden[:2], probes, paths[0])
-    floor = _pair_metrics(floor_models[0], floor_models[1], hidden[2:], probes, paths[1]) if with_floor else None
-    return ProbeComparison(paths[0], logits, floor), checks
+    logits = _pair_metrics(reference, forced[0], merged, decoded[0], probes)
+    floor = _pair_metrics(floor_models[0], forced[1], floor_models[1], decoded[1], probes) if with_floor else None
+    return ProbeComparison(decoded[0].path, logits, floor), checks
 
 
 def verify(

@@ -60,6 +60,7 @@ def test_merge_and_verify_show_a_bar_per_layer_on_a_terminal_only(tiny_base, ada
     merge(base, adapter, tmp_path / "merged", progress=True)
     verify(base, adapter, progress=True)
     err = capsys.readouterr().err
-    assert re.search(r"merge: 100%.* 3/3 ", err) and re.search(rf"verify: 100%.* {2 * 33}/{2 * 33} ", err), err
+    passes = 32 + 1 + 1  # a decode step per token, one more for the last token's logits, one teacher-forced pass
+    assert re.search(r"merge: 100%.* 3/3 ", err) and re.search(rf"verify: 100%.* {2 * passes}/{2 * passes} ", err), err
     merge(base, adapter, tmp_path / "again", progress=None)  # pytest's stderr is not a terminal
     assert "merge:" not in capsys.readouterr().err

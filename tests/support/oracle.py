@@ -2,7 +2,8 @@
 
 The same probes and merger.verify's own metric functions, but no streaming and no shortcut: the unmerged
 reference decodes its own greedy tokens too, so the first divergence is read off two real decodes
-rather than inferred from the reference's top-1 along the merged model's path.  And the streamed side:
+rather than inferred from the reference's top-1 along the merged model's path (the merged model's logits
+are its decode's, as in verify: the logits a model serves with).  And the streamed side:
 merger.verify's comparison of the same models, with the greedy path it decoded.
 """
 
@@ -17,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from merger.artifact import Adapter
 from merger.checkpoint import CheckpointReader
 from merger.logits import first_divergence, logit_metrics
-from merger.probes import NEW_TOKENS, build_probes, greedy_continuations, load_tokenizer, teacher_forced_logits
+from merger.probes import NEW_TOKENS, build_probes, greedy_decode, load_tokenizer, teacher_forced_logits
 from merger.report import LogitMetrics
 from merger.unmerged import load_unmerged
 from merger.verify import ProbeComparison, compare_on_probes, merged_source
@@ -31,15 +32,15 @@ class WholeRun:
 
 
 def _compare_whole(reference: torch.nn.Module, merged: torch.nn.Module, probes) -> WholeRun:
-    path = greedy_continuations(merged, probes)
-    reference_greedy = greedy_continuations(reference, probes)
+    decoded = greedy_decode(merged, probes)
+    reference_greedy = greedy_decode(reference, probes).path
     metrics = logit_metrics(
-        teacher_forced_logits(reference, probes, path),
-        teacher_forced_logits(merged, probes, path),
-        first_divergence(reference_greedy, path),
+        teacher_forced_logits(reference, probes, decoded.path),
+        decoded.states,
+        first_divergence(reference_greedy, decoded.path),
         NEW_TOKENS,
     )
-    return WholeRun(path, reference_greedy, metrics)
+    return WholeRun(decoded.path, reference_greedy, metrics)
 
 
 def whole_model_run(base_dir: Path, adapter_dir: Path, merged_dir: Path, dtype: torch.dtype) -> WholeRun:
