@@ -79,14 +79,28 @@ class AdapterKind:
 
     def fuse(self, w0_stored: torch.Tensor, module: ModuleAdapter) -> torch.Tensor:
         """Ŵ in fp32, in the stored layout of w0 ((in, out) when fan_in_fan_out)."""
-        w0, delta, row_scale = self._scaled_parts(w0_stored, module)
-        fused = formula.fuse(w0, delta, row_scale, self.add_residual)
-        formula.check_finite(fused, module.path)
-        return fused.T if module.fan_in_fan_out else fused
+        return self._fused(module, *self._scaled_parts(w0_stored, module))
 
     def row_scaled(self, w0_stored: torch.Tensor, module: ModuleAdapter) -> RowScaledLowRank:
         """The per-request form (A, B̃, d), d exactly the row scale `fuse` applies."""
-        w0, _, row_scale = self._scaled_parts(w0_stored, module)
+        _, _, row_scale = self._scaled_parts(w0_stored, module)
+        return self._row_scaled(module, row_scale)
+
+    def fuse_and_row_scale(
+        self, w0_stored: torch.Tensor, module: ModuleAdapter
+    ) -> tuple[torch.Tensor, RowScaledLowRank]:
+        """`fuse` and `row_scaled` at once, W0 read and the row scale computed once for both."""
+        w0, delta, row_scale = self._scaled_parts(w0_stored, module)
+        return self._fused(module, w0, delta, row_scale), self._row_scaled(module, row_scale)
+
+    def _fused(
+        self, module: ModuleAdapter, w0: torch.Tensor, delta: torch.Tensor, row_scale: torch.Tensor | None
+    ) -> torch.Tensor:
+        fused = formula.fuse(w0, delta, row_scale, self.add_residual)  # (out, in)
+        formula.check_finite(fused, module.path)
+        return fused.T if module.fan_in_fan_out else fused
+
+    def _row_scaled(self, module: ModuleAdapter, row_scale: torch.Tensor | None) -> RowScaledLowRank:
         a, b = self.low_rank(module)
         form = RowScaledLowRank(
             a, formula.row_scaled_b(b, module.scaling, row_scale, self.add_residual), _flat(row_scale)

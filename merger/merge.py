@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -38,7 +38,7 @@ from merger.dtypes import OUTPUT_DTYPES, SAFETENSORS_DTYPES, SAFETENSORS_NAMES, 
 from merger.errors import D2LoraError
 from merger.formula import FusionError
 from merger.fs import PICKLE_WEIGHTS, WEIGHT_SUFFIXES, atomic_dir, atomic_file, write_atomic
-from merger.kinds import AdapterKind, ModuleAdapter
+from merger.kinds import AdapterKind, ModuleAdapter, RowScaledLowRank
 from merger.memory import give_back_free_memory, giving_back
 
 DEFAULT_MAX_SHARD_BYTES = 2 << 30
@@ -256,11 +256,13 @@ def fuse_into_file(
     dtype: str = "auto",
     limits: ArchiveLimits = DEFAULT_LIMITS,
     threads: int | None = MERGE_THREADS,
+    on_form: Callable[[ModuleAdapter, RowScaledLowRank], None] | None = None,
 ) -> FuseResult:
     """Fuse the adapter into the base tensors it targets and write those alone into one safetensors file.
 
     The base is streamed (one tensor in memory at a time, in file order); out_file is replaced atomically
-    (merger.fs), so a failure leaves it as it was.  dtype as for `merge`.
+    (merger.fs), so a failure leaves it as it was.  dtype as for `merge`.  on_form: given each module's
+    per-request form (AdapterKind.row_scaled) from the same row scale as its fused tensor.
     """
     start = time.perf_counter()
     check_threads(threads)
@@ -278,6 +280,11 @@ def fuse_into_file(
             intra_op_threads(threads),
         ):
             for module, spec in giving_back(zip(bound, specs, strict=True)):
-                fused = adapter.kind.fuse(reader.read(module.weight_key), module)  # fp32, stored layout
+                w0 = reader.read(module.weight_key)
+                if on_form is None:
+                    fused = adapter.kind.fuse(w0, module)  # fp32, stored layout
+                else:
+                    fused, form = adapter.kind.fuse_and_row_scale(w0, module)
+                    on_form(module, form)
                 writer.write(spec.name, _cast_fused(fused, SAFETENSORS_DTYPES[spec.dtype], module))
     return FuseResult(Path(out_file), time.perf_counter() - start, len(bound), sum(s.nbytes for s in specs))

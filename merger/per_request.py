@@ -30,7 +30,7 @@ from merger.artifact import KEY_PREFIX, Adapter
 from merger.checkpoint import CheckpointReader
 from merger.errors import D2LoraError
 from merger.fs import save_atomic, write_atomic
-from merger.kinds import ModuleAdapter
+from merger.kinds import ModuleAdapter, RowScaledLowRank
 from merger.memory import giving_back
 from merger.merge import atomic_output_dir, check_float_targets, check_out_dir
 
@@ -98,6 +98,45 @@ def _row_scale_metadata(scales: dict[str, torch.Tensor], kind: str) -> dict[str,
     return {"format": "d2lora-row-scale", "version": str(FORMAT_VERSION), "kind": kind, "modules": str(len(scales))}
 
 
+class PerRequestForm:
+    """The per-request form of one adapter, a module at a time (`add`), then written as a folder (`write`).
+
+    Fed by write_per_request_form, or by merger.merge.fuse_into_file's on_form as it fuses (an upload
+    computes each module's row scale once for its fused tensor and its form).
+    """
+
+    def __init__(self) -> None:
+        self.factors: dict[str, torch.Tensor] = {}
+        self.scales: dict[str, torch.Tensor] = {}
+        self.ranks: dict[str, int] = {}
+
+    def add(self, module: ModuleAdapter, form: RowScaledLowRank) -> None:
+        self.factors[f"{KEY_PREFIX}{module.path}.lora_A.weight"] = form.a.contiguous()  # (k, in)
+        self.factors[f"{KEY_PREFIX}{module.path}.lora_B.weight"] = form.b.contiguous()  # (out, k)
+        self.ranks[module.path] = form.a.shape[0]
+        if form.row_scale is not None and not bool((form.row_scale == 1).all()):
+            self.scales[module.path] = form.row_scale.contiguous()  # (out,)
+
+    def write(self, out_dir: Path, adapter: Adapter) -> None:
+        """The folder, atomically (out_dir must not exist)."""
+        if not self.ranks:
+            raise PerRequestError(f"{out_dir}: no module was added to the per-request form")
+        check_out_dir(out_dir)
+        with atomic_output_dir(out_dir) as tmp:
+            write_json(tmp / "adapter_config.json", low_rank_config(adapter, self.ranks, use_dora=False))
+            save_safetensors(tmp / "adapter_model.safetensors", self.factors)
+            if self.scales:
+                save_safetensors(tmp / ROW_SCALE_NAME, self.scales, _row_scale_metadata(self.scales, adapter.kind.name))
+            provenance = {"format_version": FORMAT_VERSION, "kind": adapter.kind.name, "rank": self.rank}
+            write_json(
+                tmp / PROVENANCE_NAME, {**provenance, "modules": sorted(self.ranks), "row_scaled": sorted(self.scales)}
+            )
+
+    @property
+    def rank(self) -> int:
+        return max(self.ranks.values())
+
+
 def write_per_request_form(
     base_dir: str | Path,
     adapter: str | Path | Adapter,
@@ -109,25 +148,12 @@ def write_per_request_form(
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
     adapter = load_adapter(adapter, limits)
-    factors: dict[str, torch.Tensor] = {}
-    scales: dict[str, torch.Tensor] = {}
-    ranks: dict[str, int] = {}
+    form = PerRequestForm()
     with CheckpointReader(base_dir) as reader:
         for module, w0 in bound_modules(reader, adapter):
-            form = adapter.kind.row_scaled(w0, module)
-            factors[f"{KEY_PREFIX}{module.path}.lora_A.weight"] = form.a.contiguous()  # (k, in)
-            factors[f"{KEY_PREFIX}{module.path}.lora_B.weight"] = form.b.contiguous()  # (out, k)
-            ranks[module.path] = form.a.shape[0]
-            if form.row_scale is not None and not bool((form.row_scale == 1).all()):
-                scales[module.path] = form.row_scale.contiguous()  # (out,)
-    with atomic_output_dir(out_dir) as tmp:
-        write_json(tmp / "adapter_config.json", low_rank_config(adapter, ranks, use_dora=False))
-        save_safetensors(tmp / "adapter_model.safetensors", factors)
-        if scales:
-            save_safetensors(tmp / ROW_SCALE_NAME, scales, _row_scale_metadata(scales, adapter.kind.name))
-        provenance = {"format_version": FORMAT_VERSION, "kind": adapter.kind.name, "rank": max(ranks.values())}
-        write_json(tmp / PROVENANCE_NAME, {**provenance, "modules": sorted(ranks), "row_scaled": sorted(scales)})
-    return PerRequestResult(out_dir, time.perf_counter() - start, len(ranks), max(ranks.values()), len(scales))
+            form.add(module, adapter.kind.row_scaled(w0, module))
+    form.write(out_dir, adapter)
+    return PerRequestResult(out_dir, time.perf_counter() - start, len(form.ranks), form.rank, len(form.scales))
 
 
 def read_row_scales(folder: str | Path) -> dict[str, torch.Tensor]:

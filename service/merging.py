@@ -1,9 +1,10 @@
 """The blocking part of an upload: a short sequence of named stages, each logged on one line with its seconds.
 
     validate  the artifact against the served base (management runs it before any record exists)
-    fuse      the adapter fused into the base tensors it targets, written alone to work_dir/fused.safetensors
+    fuse      the adapter fused into the base tensors it targets, written alone to work_dir/fused.safetensors,
+              and its per-request form from the same row scales, work_dir/form/ (merger.per_request:
+              batched serving, SPEC §1)
     verify    that file over the base against the unmerged adapter (merger.verify, a layer at a time)
-    form      the adapter's per-request form, work_dir/form/ (merger.per_request: batched serving, SPEC §1)
     keep      the file, the form and the artifact moved into the registry, the model added to the scheduler
               (management, on the event loop)
 
@@ -30,7 +31,7 @@ from merger.errors import D2LoraError
 from merger.floors import FloorCache
 from merger.fs import save_atomic
 from merger.merge import fuse_into_file
-from merger.per_request import write_per_request_form
+from merger.per_request import PerRequestForm
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +138,11 @@ class Stage:
 
 
 def fuse(work: UploadWork) -> None:
-    fuse_into_file(work.base_dir, work.artifact, work.fused_file, dtype=work.dtype, limits=work.limits)
+    """The fused tensors and the per-request form, each module's row scale computed once for both."""
+    form = PerRequestForm()
+    fuse_into_file(work.base_dir, work.artifact, work.fused_file, dtype=work.dtype, limits=work.limits,
+                   on_form=form.add)  # fmt: skip
+    form.write(work.form_dir, Adapter.load(work.artifact, work.limits))
 
 
 def verify_fused(work: UploadWork) -> None:
@@ -150,14 +155,9 @@ def verify_fused(work: UploadWork) -> None:
     work.equivalence, work.max_abs_logit_diff = report.to_dict(), report.logits.max_abs_logit_diff
 
 
-def write_form(work: UploadWork) -> None:
-    write_per_request_form(work.base_dir, work.artifact, work.form_dir, limits=work.limits)
-
-
 WORKER_STAGES: tuple[Stage, ...] = (
     Stage("fuse", fuse),
     Stage("verify", verify_fused),
-    Stage("form", write_form),
 )
 
 

@@ -1,5 +1,5 @@
-"""The worker stages of an upload (service.merging): fuse → verify → form, one log line each, the dtype floor kept
-once."""
+"""The worker stages of an upload (service.merging): fuse (with the per-request form) → verify, one log line each,
+the dtype floor kept once."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from merger.archive import DEFAULT_LIMITS
 from merger.checkpoint import checkpoint_shapes, file_tensors
 from merger.floors import FloorCache
-from merger.per_request import read_row_scales
+from merger.per_request import read_row_scales, write_per_request_form
 from service.merging import WORKER_STAGES, EquivalenceError, Stage, UploadWork, check_adapter, run_stages
 from tests.support.adapters import write_random_adapter
 
@@ -50,6 +50,20 @@ def test_the_stages_leave_only_the_fused_targets_and_log_each_with_its_seconds(l
     assert all(line.startswith("adapter t v1: ") and line.endswith(" s") for line in lines), lines
 
 
+def test_the_form_written_with_the_fuse_is_the_one_written_on_its_own(llama, artifact, tmp_path):
+    """The fuse computes each row scale once for the fused tensor and the form: the same folder, bit for bit."""
+    work = upload_work(llama, artifact, tmp_path / "work")
+    WORKER_STAGES[0].run(work)
+    alone = write_per_request_form(llama, artifact, tmp_path / "alone").out_dir
+    assert sorted(p.name for p in work.form_dir.iterdir()) == sorted(p.name for p in alone.iterdir())
+    for path in alone.iterdir():
+        if path.suffix == ".safetensors":
+            ours, theirs = load_file(work.form_dir / path.name), load_file(path)
+            assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs), path.name
+        else:
+            assert (work.form_dir / path.name).read_bytes() == path.read_bytes(), path.name
+
+
 def test_a_stage_added_after_the_fuse_runs_in_order_and_a_failing_verify_names_the_module(
     llama, artifact, tmp_path, caplog
 ):
@@ -61,7 +75,7 @@ def test_a_stage_added_after_the_fuse_runs_in_order_and_a_failing_verify_names_t
             f.seek(stored.offset)  # its first element
             f.write(torch.tensor([1e3], dtype=torch.float32).numpy().tobytes())
 
-    fuse, verify, _ = WORKER_STAGES
+    fuse, verify = WORKER_STAGES
     work = upload_work(llama, artifact, tmp_path / "work")
     with caplog.at_level(logging.INFO, logger="service.merging"), pytest.raises(EquivalenceError) as refused:
         run_stages(work, (fuse, Stage("corrupt", corrupt), verify))
