@@ -89,6 +89,12 @@ def row_blocks(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return w.split(max(1, BLOCK_ELEMENTS // max(1, w.shape[-1])))
 
 
+def row_slices(w: torch.Tensor) -> list[slice]:
+    """The rows of row_blocks(w), as slices.  w: (out, in)"""
+    step = max(1, BLOCK_ELEMENTS // max(1, w.shape[-1]))
+    return [slice(start, min(start + step, w.shape[0])) for start in range(0, w.shape[0], step)]
+
+
 def row_norm(w: torch.Tensor) -> torch.Tensor:
     """L2 norm of every output row, accumulated in float64.  (out, in) -> (out, 1)."""
     return torch.cat([torch.linalg.vector_norm(block.to(NORM_DTYPE), dim=1, keepdim=True) for block in row_blocks(w)])
@@ -119,11 +125,16 @@ def low_rank_adapted_row_norm(
     return (w0_norm.to(NORM_DTYPE).square() + 2 * cross + delta_sq).clamp_min(0).sqrt()
 
 
+def zero_norm_error(adapted_norm: torch.Tensor, first_row: int = 0) -> FusionError:
+    """The error for the zero rows of n′ (out, 1), numbered from first_row (a block's first row)."""
+    rows = ((adapted_norm.squeeze(1) == 0).nonzero().flatten()[:5] + first_row).tolist()
+    return FusionError(f"adapted weight has zero norm in rows {rows}")
+
+
 def norm_ratio(target_norm: torch.Tensor, adapted_norm: torch.Tensor) -> torch.Tensor:
     """s = target / n′ as fp32, (out, 1).  Raises FusionError on a zero row."""
     if bool((adapted_norm == 0).any()):
-        rows = (adapted_norm.squeeze(1) == 0).nonzero().flatten()[:5].tolist()
-        raise FusionError(f"adapted weight has zero norm in rows {rows}")
+        raise zero_norm_error(adapted_norm)
     return (target_norm.to(NORM_DTYPE) / adapted_norm).to(COMPUTE_DTYPE)
 
 

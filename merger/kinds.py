@@ -7,6 +7,7 @@ turn into ΔW and the per-row scale of merger.formula. It knows nothing of files
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import ClassVar
 
 import torch
@@ -56,6 +57,7 @@ class AdapterKind:
 
     name: ClassVar[str]
     factor_names: ClassVar[tuple[str, ...]]  # the tensors each adapted module carries
+    row_factor_names: ClassVar[tuple[str, ...]]  # those with one row per output feature
     add_residual: ClassVar[bool] = False
 
     def factor_shapes(self, r: int, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
@@ -73,32 +75,62 @@ class AdapterKind:
         """The per-row scale s of the formula, (out, 1), or None for plain addition."""
         return None
 
+    def rows_of(self, module: ModuleAdapter, rows: slice) -> ModuleAdapter:
+        """The module cut to output rows `rows`: its ΔW and row scale are those rows of the whole module's."""
+        factors = {name: t[rows] if name in self.row_factor_names else t for name, t in module.factors.items()}
+        return dataclasses.replace(module, factors=factors)
+
+    def blocked_row_scale(self, w0: torch.Tensor, module: ModuleAdapter) -> torch.Tensor | None:
+        """row_scale, a block of output rows at a time (formula.row_slices): ΔW and the fp32 copy of W0 are
+        formed a block at a time, never (out, in) whole.  w0: (out, in), any float dtype -> (out, 1) or None"""
+        return _joined([scale for *_, scale in self._row_blocks(w0, module)])
+
+    def _row_blocks(
+        self, w0: torch.Tensor, module: ModuleAdapter
+    ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Per block of output rows: the rows, W0's in fp32 (rows, in), ΔW's (rows, in), the row scale (rows, 1).
+
+        A zero-norm row is a FusionError naming the module and the row.  w0: (out, in), any float dtype
+        """
+        for rows in formula.row_slices(w0):
+            part = self.rows_of(module, rows)
+            w0_rows, delta = w0[rows].to(formula.COMPUTE_DTYPE), self.delta(part)  # (rows, in) each
+            try:
+                scale = self.row_scale(w0_rows, delta, part)
+            except formula.FusionError:
+                error = formula.zero_norm_error(formula.adapted_row_norm(w0_rows, delta), rows.start)
+                raise formula.FusionError(f"{module.path}: {error}") from None
+            yield rows, w0_rows, delta, scale
+
     def low_rank(self, module: ModuleAdapter) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) in fp32 with ΔW = scaling · B A.  -> (k, in), (out, k)"""
         raise NotImplementedError
 
     def fuse(self, w0_stored: torch.Tensor, module: ModuleAdapter) -> torch.Tensor:
         """Ŵ in fp32, in the stored layout of w0 ((in, out) when fan_in_fan_out)."""
-        return self._fused(module, *self._scaled_parts(w0_stored, module))
+        return self._fused(w0_stored, module)[0]
 
     def row_scaled(self, w0_stored: torch.Tensor, module: ModuleAdapter) -> RowScaledLowRank:
         """The per-request form (A, B̃, d), d exactly the row scale `fuse` applies."""
-        _, _, row_scale = self._scaled_parts(w0_stored, module)
-        return self._row_scaled(module, row_scale)
+        return self._row_scaled(module, self.blocked_row_scale(_out_in(w0_stored, module), module))
 
     def fuse_and_row_scale(
         self, w0_stored: torch.Tensor, module: ModuleAdapter
     ) -> tuple[torch.Tensor, RowScaledLowRank]:
         """`fuse` and `row_scaled` at once, W0 read and the row scale computed once for both."""
-        w0, delta, row_scale = self._scaled_parts(w0_stored, module)
-        return self._fused(module, w0, delta, row_scale), self._row_scaled(module, row_scale)
+        fused, row_scale = self._fused(w0_stored, module)
+        return fused, self._row_scaled(module, row_scale)
 
-    def _fused(
-        self, module: ModuleAdapter, w0: torch.Tensor, delta: torch.Tensor, row_scale: torch.Tensor | None
-    ) -> torch.Tensor:
-        fused = formula.fuse(w0, delta, row_scale, self.add_residual)  # (out, in)
+    def _fused(self, w0_stored: torch.Tensor, module: ModuleAdapter) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Ŵ in fp32 (stored layout), formed a block of rows at a time, and its row scale (out, 1) or None."""
+        w0 = _out_in(w0_stored, module)  # (out, in)
+        fused = torch.empty(w0.shape, dtype=formula.COMPUTE_DTYPE)  # (out, in)
+        scales = []
+        for rows, w0_rows, delta, scale in self._row_blocks(w0, module):
+            fused[rows] = formula.fuse(w0_rows, delta, scale, self.add_residual)
+            scales.append(scale)
         formula.check_finite(fused, module.path)
-        return fused.T if module.fan_in_fan_out else fused
+        return (fused.T if module.fan_in_fan_out else fused), _joined(scales)
 
     def _row_scaled(self, module: ModuleAdapter, row_scale: torch.Tensor | None) -> RowScaledLowRank:
         a, b = self.low_rank(module)
@@ -110,7 +142,8 @@ class AdapterKind:
 
     def dora(self, w0_stored: torch.Tensor, module: ModuleAdapter) -> DoraFactors:
         """The same fused weight as a PEFT DoRA adapter (lora_A, lora_B, magnitude), scaling 1."""
-        w0, _, row_scale = self._scaled_parts(w0_stored, module)
+        w0 = _out_in(w0_stored, module)  # (out, in)
+        row_scale = self.blocked_row_scale(w0, module)
         a, b = self.low_rank(module)
         try:
             b_dora = formula.dora_b(b, module.scaling, row_scale, self.add_residual)
@@ -120,27 +153,21 @@ class AdapterKind:
         self._check_finite(module, factors.b, factors.magnitude)
         return factors
 
-    def _scaled_parts(
-        self, w0_stored: torch.Tensor, module: ModuleAdapter
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """W0 in torch layout and fp32 (out, in), ΔW (out, in) and the row scale (out, 1) or None."""
-        w0 = w0_stored.T if module.fan_in_fan_out else w0_stored  # (out, in)
-        w0 = w0.to(formula.COMPUTE_DTYPE)
-        delta = self.delta(module)  # (out, in)
-        return w0, delta, self._named_row_scale(w0, delta, module)
-
     @staticmethod
     def _check_finite(module: ModuleAdapter, *tensors: torch.Tensor | None) -> None:
         for tensor in tensors:
             if tensor is not None:
                 formula.check_finite(tensor, module.path)
 
-    def _named_row_scale(self, w0: torch.Tensor, delta: torch.Tensor, module: ModuleAdapter) -> torch.Tensor | None:
-        """row_scale, with a FusionError (zero-norm row) naming the module."""
-        try:
-            return self.row_scale(w0, delta, module)
-        except formula.FusionError as err:
-            raise formula.FusionError(f"{module.path}: {err}") from None
+
+def _out_in(w0_stored: torch.Tensor, module: ModuleAdapter) -> torch.Tensor:
+    """W0 in torch layout (a view).  -> (out, in)"""
+    return w0_stored.T if module.fan_in_fan_out else w0_stored
+
+
+def _joined(scales: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """The blocks' row scales as one (out, 1), or None where the kind has none (plain LoRA)."""
+    return None if not scales or scales[0] is None else torch.cat([s for s in scales if s is not None])
 
 
 def _flat(row_scale: torch.Tensor | None) -> torch.Tensor | None:
@@ -159,6 +186,7 @@ def _lora_shapes(r: int, out_features: int, in_features: int) -> dict[str, tuple
 class LoraKind(AdapterKind):
     name = "LORA"
     factor_names: ClassVar[tuple[str, ...]] = ("lora_A.weight", "lora_B.weight")
+    row_factor_names: ClassVar[tuple[str, ...]] = ("lora_B.weight",)
 
     def factor_shapes(self, r, out_features, in_features):
         return _lora_shapes(r, out_features, in_features)
@@ -181,6 +209,7 @@ class DoraKind(LoraKind):
 
     name = "DORA"
     factor_names = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+    row_factor_names = ("lora_B.weight", "lora_magnitude_vector")
 
     def factor_shapes(self, r, out_features, in_features):
         return {**_lora_shapes(r, out_features, in_features), "lora_magnitude_vector": (out_features,)}
@@ -194,6 +223,7 @@ class D2LoraKind(AdapterKind):
 
     name = "D2LORA"
     factor_names = ("lora_A.weight", "lora_B.weight", "lora_A_neg.weight", "lora_B_neg.weight")
+    row_factor_names = ("lora_B.weight", "lora_B_neg.weight")
     add_residual = True
 
     def factor_shapes(self, r, out_features, in_features):

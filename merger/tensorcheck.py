@@ -51,9 +51,7 @@ def effective_weight_blocks(
     so formula.combine_outputs gives rows of Ŵᵀ without the merge's code path.  -> (features, (block, out))
     """
     w0 = w0_stored.T if module.fan_in_fan_out else w0_stored  # (out, in)
-    w0_compute = w0.to(formula.COMPUTE_DTYPE)
-    row_scale = kind.row_scale(w0_compute, kind.delta(module), module)  # (out, 1) or None
-    del w0_compute
+    row_scale = kind.blocked_row_scale(w0, module)  # (out, 1) or None
     for features, identity in identity_blocks(w0.shape[1]):
         delta_t = kind.delta_forward(identity, module)  # (block, out) = ΔW[:, features]ᵀ
         base_t = w0[:, features].T.to(torch.float64)  # (block, out)

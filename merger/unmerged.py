@@ -7,7 +7,7 @@ is replaced by an `UnmergedLinear` computing
 
 where ΔW x goes through the low-rank factors on the activations (the kind's
 `delta_forward`, never the dense ΔW) and s is the kind's per-row scale.  The
-scale needs the dense ΔW once for its row norms: it is either computed once
+scale needs ΔW's rows for its row norms (formed a block of rows at a time): it is either computed once
 and cached (inference, the default) or recomputed on every forward (the
 training-time path, as DoRA does it), which is slower but tracks W0 and the
 factors if they change.
@@ -55,9 +55,8 @@ class UnmergedLinear(nn.Module):
         return self.weight.T if self.fan_in_fan_out else self.weight
 
     def compute_row_scale(self) -> torch.Tensor | None:
-        """s from W0 and the dense ΔW (fp32, norms in float64).  -> (out, 1) or None"""
-        w0 = self.weight_out_in().detach().to(formula.COMPUTE_DTYPE)  # (out, in)
-        return self.kind.row_scale(w0, self.kind.delta(self.adapter), self.adapter)
+        """s from W0 and ΔW (fp32, norms in float64), a block of rows at a time.  -> (out, 1) or None"""
+        return self.kind.blocked_row_scale(self.weight_out_in().detach(), self.adapter)
 
     def row_scale(self) -> torch.Tensor | None:
         return self.compute_row_scale() if self.recompute_scale else self.cached_scale

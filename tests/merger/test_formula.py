@@ -127,9 +127,12 @@ def test_artifact_scaling_reaches_the_fused_weight(tiny_base, tmp_path, use_rslo
     reader.close()
 
 
+@pytest.mark.parametrize("block_rows", [OUT, 5], ids=["one-block", "row-7-in-block-2"])
 @pytest.mark.parametrize("fan_in_fan_out", [False, True], ids=["linear", "conv1d"])
 @pytest.mark.parametrize("kind", ["D2LORA", "DORA"])
-def test_zero_norm_row_is_an_error_naming_the_module(kind, fan_in_fan_out):
+def test_zero_norm_row_is_an_error_naming_the_module(kind, fan_in_fan_out, block_rows, monkeypatch):
+    """The row is numbered in the whole weight, also when the fuse forms it in blocks of rows."""
+    monkeypatch.setattr(formula, "BLOCK_ELEMENTS", block_rows * IN)
     w0 = torch.randn(OUT, IN)
     factors = random_factors(kind, OUT, IN, R, seed=5)
     w0[7] = 0
@@ -137,7 +140,7 @@ def test_zero_norm_row_is_an_error_naming_the_module(kind, fan_in_fan_out):
         if name in factors:
             factors[name][7] = 0
     stored = w0.T.contiguous() if fan_in_fan_out else w0
-    with pytest.raises(FusionError, match=rf"{MODULE}.*zero norm.*\b7\b"):
+    with pytest.raises(FusionError, match=rf"{MODULE}: adapted weight has zero norm in rows \[7\]"):
         fuse(kind, stored, factors, scaling=1.0, fan_in_fan_out=fan_in_fan_out)
 
 
@@ -155,3 +158,22 @@ def test_non_finite_base_weight_is_an_error_naming_the_module():
     w0[0, 0] = float("nan")
     with pytest.raises(FusionError, match=MODULE):
         fuse("D2LORA", w0, random_factors("D2LORA", OUT, IN, R, seed=7), scaling=1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["D2LORA", "LORA", "DORA"])
+def test_the_row_scale_formed_a_block_of_rows_at_a_time_is_the_whole_ones(kind, dtype, monkeypatch):
+    """blocked_row_scale (what verification uses, no (out, in) ΔW) over 5 blocks, the last one short: the row
+    scale the fuse computes from the whole ΔW, to float32 rounding."""
+    w0 = stored_weight(OUT, IN, dtype, fan_in_fan_out=False)  # (out, in)
+    module = ModuleAdapter(MODULE, random_factors(kind, OUT, IN, R, seed=4), 2.0, 0.5, False)
+    strategy = ADAPTER_KINDS[kind]()
+    monkeypatch.setattr(formula, "BLOCK_ELEMENTS", 5 * IN)  # 5 rows a block: 4 blocks of 5 and one of 4
+    assert len(formula.row_slices(w0)) == 5 and formula.row_slices(w0)[-1] == slice(20, 24)
+    blocked = strategy.blocked_row_scale(w0, module)
+    whole = strategy.row_scale(w0.float(), strategy.delta(module), module)
+    if kind == "LORA":
+        assert blocked is None and whole is None
+    else:
+        assert blocked is not None and whole is not None and blocked.shape == (OUT, 1)
+        torch.testing.assert_close(blocked, whole, rtol=1e-6, atol=0)
