@@ -45,6 +45,7 @@ def haproxy_config(servers: list[str], port: int, metrics_port: int, balance: st
 class Proxy:
     url: str
     metrics_url: str
+    log: Path  # HAProxy's output: its httplog line per request, with the termination state
 
 
 @contextlib.contextmanager
@@ -57,9 +58,9 @@ def haproxy(
     name = f"haproxy-{balance or 'model-hash'}".replace(" ", "-")
     config = work_dir / f"{name}.cfg"
     config.write_text(haproxy_config(servers, port, metrics_port, balance))
-    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-    with running([str(binary), "-db", "-f", str(config)], metrics_url, work_dir / f"{name}.log") as process:
-        proxy = Proxy(f"http://127.0.0.1:{port}", metrics_url)
+    metrics_url, log = f"http://127.0.0.1:{metrics_port}/metrics", work_dir / f"{name}.log"
+    with running([str(binary), "-db", "-f", str(config)], metrics_url, log) as process:
+        proxy = Proxy(f"http://127.0.0.1:{port}", metrics_url, log)
         if wait_up:
             wait_for_servers_up(proxy, len(servers))
         yield proxy, process
