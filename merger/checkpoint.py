@@ -345,6 +345,23 @@ class ShardWriter:
         spec = self._expect(name)
         if SAFETENSORS_NAMES[tensor.dtype] != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise CheckpointError(f"tensor {name!r}: {tensor.dtype} {list(tensor.shape)} does not match its spec")
+        self._write_bytes(tensor)
+
+    def write_rows(self, name: str, blocks: Iterable[torch.Tensor]) -> None:
+        """One tensor written a block of leading rows at a time, in order (the whole tensor is never formed)."""
+        spec, rows = self._expect(name), 0
+        for block in blocks:
+            if SAFETENSORS_NAMES[block.dtype] != spec.dtype or tuple(block.shape[1:]) != spec.shape[1:]:
+                shape = list(block.shape)
+                raise CheckpointError(f"tensor {name!r}: a {block.dtype} {shape} block of rows does not fit its spec")
+            rows += block.shape[0]
+            if rows > spec.shape[0]:
+                raise CheckpointError(f"tensor {name!r}: blocks hold more than its {spec.shape[0]} rows")
+            self._write_bytes(block)
+        if rows != spec.shape[0]:
+            raise CheckpointError(f"tensor {name!r}: blocks hold {rows} of its {spec.shape[0]} rows")
+
+    def _write_bytes(self, tensor: torch.Tensor) -> None:
         raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()  # (nbytes,) uint8
         view = memoryview(raw.data)
         while view:

@@ -83,7 +83,7 @@ class AdapterKind:
     def blocked_row_scale(self, w0: torch.Tensor, module: ModuleAdapter) -> torch.Tensor | None:
         """row_scale, a block of output rows at a time (formula.row_slices): ΔW and the fp32 copy of W0 are
         formed a block at a time, never (out, in) whole.  w0: (out, in), any float dtype -> (out, 1) or None"""
-        return _joined([scale for *_, scale in self._row_blocks(w0, module)])
+        return joined_row_scale([scale for *_, scale in self._row_blocks(w0, module)])
 
     def _row_blocks(
         self, w0: torch.Tensor, module: ModuleAdapter
@@ -108,31 +108,34 @@ class AdapterKind:
 
     def fuse(self, w0_stored: torch.Tensor, module: ModuleAdapter) -> torch.Tensor:
         """Ŵ in fp32, in the stored layout of w0 ((in, out) when fan_in_fan_out)."""
-        return self._fused(w0_stored, module)[0]
+        return self.fused_whole(w0_stored, module)[0]
 
     def row_scaled(self, w0_stored: torch.Tensor, module: ModuleAdapter) -> RowScaledLowRank:
         """The per-request form (A, B̃, d), d exactly the row scale `fuse` applies."""
-        return self._row_scaled(module, self.blocked_row_scale(_out_in(w0_stored, module), module))
+        return self.row_scaled_form(module, self.blocked_row_scale(_out_in(w0_stored, module), module))
 
-    def fuse_and_row_scale(
-        self, w0_stored: torch.Tensor, module: ModuleAdapter
-    ) -> tuple[torch.Tensor, RowScaledLowRank]:
-        """`fuse` and `row_scaled` at once, W0 read and the row scale computed once for both."""
-        fused, row_scale = self._fused(w0_stored, module)
-        return fused, self._row_scaled(module, row_scale)
+    def fused_rows(
+        self, w0: torch.Tensor, module: ModuleAdapter
+    ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor | None]]:
+        """Ŵ a block of output rows at a time, each checked finite: (rows, Ŵ's rows in fp32 (rows, in), their
+        row scale (rows, 1) or None).  w0: (out, in), any float dtype (a view of a mapped tensor will do)"""
+        for rows, w0_rows, delta, scale in self._row_blocks(w0, module):
+            fused = formula.fuse(w0_rows, delta, scale, self.add_residual)  # (rows, in)
+            formula.check_finite(fused, module.path)
+            yield rows, fused, scale
 
-    def _fused(self, w0_stored: torch.Tensor, module: ModuleAdapter) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def fused_whole(self, w0_stored: torch.Tensor, module: ModuleAdapter) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Ŵ in fp32 (stored layout), formed a block of rows at a time, and its row scale (out, 1) or None."""
         w0 = _out_in(w0_stored, module)  # (out, in)
         fused = torch.empty(w0.shape, dtype=formula.COMPUTE_DTYPE)  # (out, in)
         scales = []
-        for rows, w0_rows, delta, scale in self._row_blocks(w0, module):
-            fused[rows] = formula.fuse(w0_rows, delta, scale, self.add_residual)
+        for rows, fused_rows, scale in self.fused_rows(w0, module):
+            fused[rows] = fused_rows
             scales.append(scale)
-        formula.check_finite(fused, module.path)
-        return (fused.T if module.fan_in_fan_out else fused), _joined(scales)
+        return (fused.T if module.fan_in_fan_out else fused), joined_row_scale(scales)
 
-    def _row_scaled(self, module: ModuleAdapter, row_scale: torch.Tensor | None) -> RowScaledLowRank:
+    def row_scaled_form(self, module: ModuleAdapter, row_scale: torch.Tensor | None) -> RowScaledLowRank:
+        """The per-request form from the module's row scale (out, 1), or None for plain LoRA."""
         a, b = self.low_rank(module)
         form = RowScaledLowRank(
             a, formula.row_scaled_b(b, module.scaling, row_scale, self.add_residual), _flat(row_scale)
@@ -165,7 +168,7 @@ def _out_in(w0_stored: torch.Tensor, module: ModuleAdapter) -> torch.Tensor:
     return w0_stored.T if module.fan_in_fan_out else w0_stored
 
 
-def _joined(scales: list[torch.Tensor | None]) -> torch.Tensor | None:
+def joined_row_scale(scales: list[torch.Tensor | None]) -> torch.Tensor | None:
     """The blocks' row scales as one (out, 1), or None where the kind has none (plain LoRA)."""
     return None if not scales or scales[0] is None else torch.cat([s for s in scales if s is not None])
 

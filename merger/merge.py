@@ -27,6 +27,7 @@ from merger.artifact import Adapter
 from merger.checkpoint import (
     INDEX_NAME,
     CheckpointReader,
+    MappedTensor,
     ShardWriter,
     TensorSpec,
     layer_of,
@@ -38,7 +39,7 @@ from merger.dtypes import OUTPUT_DTYPES, SAFETENSORS_DTYPES, SAFETENSORS_NAMES, 
 from merger.errors import D2LoraError
 from merger.formula import FusionError
 from merger.fs import PICKLE_WEIGHTS, WEIGHT_SUFFIXES, atomic_dir, atomic_file, write_atomic
-from merger.kinds import AdapterKind, ModuleAdapter, RowScaledLowRank
+from merger.kinds import AdapterKind, ModuleAdapter, RowScaledLowRank, joined_row_scale
 from merger.memory import give_back_free_memory, giving_back
 
 DEFAULT_MAX_SHARD_BYTES = 2 << 30
@@ -147,13 +148,40 @@ def _cast_fused(fused: torch.Tensor, dtype: torch.dtype, module: ModuleAdapter) 
     return cast
 
 
+def write_fused(
+    writer: ShardWriter, reader: CheckpointReader, spec: TensorSpec, module: ModuleAdapter, kind: AdapterKind
+) -> torch.Tensor | None:
+    """Ŵ of one module written as `spec`, a block of rows at a time from W0's mapped bytes (each block's pages
+    given back once fused), so neither W0 nor Ŵ is ever whole in memory; returns its row scale (out, 1) or None.
+
+    A transposed weight (a GPT-2 Conv1D, stored (in, out)) has its rows of Ŵ as columns of the file: it is
+    read and fused whole.
+    """
+    dtype = SAFETENSORS_DTYPES[spec.dtype]
+    if module.fan_in_fan_out:
+        fused, row_scale = kind.fused_whole(reader.read(spec.name), module)  # fp32, stored layout
+        writer.write(spec.name, _cast_fused(fused, dtype, module))
+        return row_scale
+    w0 = MappedTensor(reader.tensors[spec.name])  # (out, in), stored dtype
+    row_bytes = w0.view.shape[1] * w0.view.element_size()
+    scales: list[torch.Tensor | None] = []
+
+    def blocks() -> Iterator[torch.Tensor]:
+        for rows, fused, scale in kind.fused_rows(w0.view, module):  # (rows, in) fp32
+            scales.append(scale)
+            yield _cast_fused(fused, dtype, module)
+            w0.drop_pages(rows.start * row_bytes, rows.stop * row_bytes)
+
+    writer.write_rows(spec.name, blocks())
+    return joined_row_scale(scales)
+
+
 def _write_tensor(
     writer: ShardWriter, reader: CheckpointReader, spec: TensorSpec, module: ModuleAdapter | None, kind: AdapterKind
 ) -> None:
     stored = reader.tensors[spec.name].spec
     if module is not None:
-        fused = kind.fuse(reader.read(spec.name), module)  # fp32, stored layout
-        writer.write(spec.name, _cast_fused(fused, SAFETENSORS_DTYPES[spec.dtype], module))
+        write_fused(writer, reader, spec, module, kind)
     elif stored == spec:
         writer.copy(spec.name, reader)
     else:
@@ -280,11 +308,7 @@ def fuse_into_file(
             intra_op_threads(threads),
         ):
             for module, spec in giving_back(zip(bound, specs, strict=True)):
-                w0 = reader.read(module.weight_key)
-                if on_form is None:
-                    fused = adapter.kind.fuse(w0, module)  # fp32, stored layout
-                else:
-                    fused, form = adapter.kind.fuse_and_row_scale(w0, module)
-                    on_form(module, form)
-                writer.write(spec.name, _cast_fused(fused, SAFETENSORS_DTYPES[spec.dtype], module))
+                row_scale = write_fused(writer, reader, spec, module, adapter.kind)
+                if on_form is not None:
+                    on_form(module, adapter.kind.row_scaled_form(module, row_scale))
     return FuseResult(Path(out_file), time.perf_counter() - start, len(bound), sum(s.nbytes for s in specs))

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from merger.checkpoint import CheckpointReader
+from merger import formula
+from merger.checkpoint import CheckpointError, CheckpointReader, ShardWriter, TensorSpec
 from merger.formula import FusionError
 from merger.fs import TMP_MARKER
 from merger.merge import fuse_into_file, merge
@@ -29,6 +30,28 @@ def test_the_fused_file_holds_exactly_the_merges_adapted_tensors(tiny_base, adap
         for name, tensor in fused.items():
             assert torch.equal(tensor, reader.read(name)), name
     assert [p.name for p in tmp_path.iterdir() if TMP_MARKER in p.name] == []
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_a_weight_fused_a_block_of_rows_at_a_time_is_the_one_fused_whole(
+    tiny_base, adapter_dir, tmp_path, monkeypatch, arch, dtype
+):
+    """Ŵ is formed and written a few rows at a time (Llama: 5 of 128 input features; GPT-2: 10 of 64), the last
+    block short: the same tensors, bit for bit."""
+    base, adapter = tiny_base(arch), adapter_dir(arch)
+    whole = load_file(fuse_into_file(base, adapter, tmp_path / "whole.safetensors", dtype=dtype).out_file)
+    monkeypatch.setattr(formula, "BLOCK_ELEMENTS", 5 * 128)
+    blocked = load_file(fuse_into_file(base, adapter, tmp_path / "blocked.safetensors", dtype=dtype).out_file)
+    assert whole.keys() == blocked.keys()
+    assert all(torch.equal(whole[name], blocked[name]) for name in whole)
+
+
+@pytest.mark.parametrize("rows", [[2, 1], [2, 2, 1]], ids=["too-few", "too-many"])
+def test_a_tensor_written_in_blocks_of_rows_must_fill_its_spec(tmp_path, rows):
+    spec = TensorSpec("w", "F32", (4, 3))
+    with pytest.raises(CheckpointError, match="rows"), ShardWriter(tmp_path / "shard.safetensors", [spec]) as writer:
+        writer.write_rows("w", (torch.zeros(n, 3) for n in rows))
 
 
 def test_a_failing_fuse_leaves_the_old_file_and_no_temporary(tiny_base, adapter_dir, tmp_path):
