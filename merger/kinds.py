@@ -83,9 +83,9 @@ class AdapterKind:
     def blocked_row_scale(self, w0: torch.Tensor, module: ModuleAdapter) -> torch.Tensor | None:
         """row_scale, a block of output rows at a time (formula.row_slices): ΔW and the fp32 copy of W0 are
         formed a block at a time, never (out, in) whole.  w0: (out, in), any float dtype -> (out, 1) or None"""
-        return joined_row_scale([scale for *_, scale in self._row_blocks(w0, module)])
+        return joined_row_scale([scale for *_, scale in self.row_blocks(w0, module)])
 
-    def _row_blocks(
+    def row_blocks(
         self, w0: torch.Tensor, module: ModuleAdapter
     ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """Per block of output rows: the rows, W0's in fp32 (rows, in), ΔW's (rows, in), the row scale (rows, 1).
@@ -119,7 +119,7 @@ class AdapterKind:
     ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor | None]]:
         """Ŵ a block of output rows at a time, each checked finite: (rows, Ŵ's rows in fp32 (rows, in), their
         row scale (rows, 1) or None).  w0: (out, in), any float dtype (a view of a mapped tensor will do)"""
-        for rows, w0_rows, delta, scale in self._row_blocks(w0, module):
+        for rows, w0_rows, delta, scale in self.row_blocks(w0, module):
             fused = formula.fuse(w0_rows, delta, scale, self.add_residual)  # (rows, in)
             formula.check_finite(fused, module.path)
             yield rows, fused, scale

@@ -13,11 +13,11 @@ model's own, in three parts:
                the last hidden states into logits
 
 `lockstep_layers` steps several models (the unmerged reference, the merged model) through the
-layers together: a layer's tensors are mapped while the models run it (a streamed Linear's only
-while it multiplies), and unmapped before the next layer.  The vocabulary matrices are read the
-way they are used: the embedding a row at a time (`StreamedEmbedding`), the head and every plain
-Linear of the layers a block of rows at a time (`StreamedLinear`).  Peak memory: one block of
-weights (the whole tensors of a module that has no streamed form: norms, an adapted module run
+layers together: a layer's tensors are mapped while the models run it (a streamed module's only
+while it multiplies), and unmapped before the next layer.  The weights are read the way they are
+used (merger.streamed_modules): the embedding a row at a time, the head and every Linear of the
+layers, adapted ones run unmerged included, a block of rows at a time.  Peak memory: one block of
+weights (the whole tensors of a module that has no streamed form: norms, a transposed Conv1D run
 unmerged) plus the activations, whatever the model's size.
 """
 
@@ -30,55 +30,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from merger.artifact import Adapter
-from merger.checkpoint import MappedTensor, StoredTensor
+from merger.checkpoint import StoredTensor
 from merger.errors import D2LoraError
 from merger.memory import give_back_free_memory
-from merger.unmerged import apply_unmerged
+from merger.streamed_modules import (
+    StreamedEmbedding,
+    StreamedLinear,
+    StreamedUnmergedLinear,
+    StreamedWeights,
+    TensorPool,
+)
+from merger.unmerged import UnmergedLinear, apply_unmerged
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
-
-LINEAR_BLOCK_BYTES = 16 << 20  # a streamed Linear multiplies a block of weight rows of about this size at a time
-
-
-class StreamError(D2LoraError):
-    """The checkpoint cannot be streamed through its transformers model (missing tensors, other shapes)."""
-
-
-class TensorPool:
-    """The mapped tensors of the layer the models are in: each stored tensor mapped once, until `close`."""
-
-    def __init__(self) -> None:
-        self._maps: dict[tuple[Path, int], MappedTensor] = {}
-
-    def mapped(self, stored: StoredTensor) -> MappedTensor:
-        key = (stored.file, stored.offset)
-        if key not in self._maps:
-            self._maps[key] = MappedTensor(stored)
-        return self._maps[key]
-
-    def tensor(self, stored: StoredTensor, dtype: torch.dtype) -> torch.Tensor:
-        """The stored tensor in `dtype`: the mapped view itself when it already is, else a cast copy."""
-        view = self.mapped(stored).view
-        return view if view.dtype == dtype else view.to(dtype)
-
-    def release(self, stored: StoredTensor) -> None:
-        """Give back its resident pages; it stays mapped (a later use faults them in from the page cache)."""
-        mapped = self._maps.get((stored.file, stored.offset))
-        if mapped is not None:
-            mapped.drop_pages()
-
-    def unmap(self, stored: StoredTensor) -> None:
-        """Forget one mapping (unmapped once its views are gone): the vocabulary's, as soon as it was used."""
-        self._maps.pop((stored.file, stored.offset), None)
-
-    def close(self) -> None:
-        """Unmap everything (the views die with the last reference)."""
-        self._maps.clear()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +62,10 @@ class Captured:
     hidden: torch.Tensor  # (batch, seq, hidden): the first layer's input
     layers: list[LayerInputs]
     cache: object | None  # the transformers Cache the layers update, when use_cache
+
+
+class StreamError(D2LoraError):
+    """The checkpoint cannot be streamed through its transformers model (missing tensors, other shapes)."""
 
 
 class _StopForward(Exception):
@@ -123,51 +95,6 @@ class _Bypass(nn.Module):
 
     def forward(self, hidden, *args, **kwargs):
         return hidden if self.output is None else self.output
-
-
-class StreamedEmbedding(nn.Module):
-    """nn.Embedding on a mapped weight: the rows are looked up in the stored dtype, then cast (the same values)."""
-
-    def __init__(self, pool: TensorPool, weight: StoredTensor, dtype: torch.dtype):
-        super().__init__()
-        self.pool, self.weight_stored, self.dtype = pool, weight, dtype
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (...,) -> (..., hidden)
-        rows = F.embedding(ids, self.pool.mapped(self.weight_stored).view).to(self.dtype)
-        self.pool.unmap(self.weight_stored)
-        return rows
-
-
-class StreamedLinear(nn.Module):
-    """nn.Linear on a mapped (out, in) weight, a block of rows (LINEAR_BLOCK_BYTES) at a time.
-
-    Each block's pages are given back once multiplied, so a Linear of any width costs one block of
-    weight memory (and one block's cast copy when the model's dtype is not the stored one).  Used for
-    the head and for every plain Linear of the decoder layers; `keys` are the checkpoint names it reads.
-    """
-
-    def __init__(self, pool: TensorPool, weight: StoredTensor, bias: StoredTensor | None, dtype: torch.dtype):
-        super().__init__()
-        self.pool, self.weight_stored, self.bias_stored, self.dtype = pool, weight, bias, dtype
-
-    @property
-    def keys(self) -> tuple[str, ...]:
-        return tuple(t.spec.name for t in (self.weight_stored, self.bias_stored) if t is not None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
-        mapped = self.pool.mapped(self.weight_stored)
-        weight = mapped.view  # (out, in), stored dtype
-        bias = None if self.bias_stored is None else self.pool.tensor(self.bias_stored, self.dtype)  # (out,)
-        out = x.new_empty((*x.shape[:-1], weight.shape[0]))  # (..., out)
-        row_bytes = weight.shape[1] * weight.element_size()
-        rows = max(1, LINEAR_BLOCK_BYTES // max(1, row_bytes))
-        for start in range(0, weight.shape[0], rows):
-            end = min(start + rows, weight.shape[0])
-            block = weight[start:end].to(self.dtype)  # (rows, in)
-            out[..., start:end] = F.linear(x, block, None if bias is None else bias[start:end])
-            mapped.drop_pages(start * row_bytes, end * row_bytes)
-        self.pool.unmap(self.weight_stored)
-        return out
 
 
 def skeleton(config_dir: Path, dtype: torch.dtype) -> PreTrainedModel:
@@ -280,22 +207,34 @@ class StreamedModel:
         return bindings
 
     def _stream_vocabulary(self) -> None:
-        """Replace a plain nn.Embedding input and every plain nn.Linear (the head, the layers' projections;
-        adapted ones already run unmerged) by their row-wise streamed forms."""
+        """Replace a plain nn.Embedding input, every plain nn.Linear (the head, the layers' projections) and
+        every adapted Linear run unmerged by their row-wise streamed forms."""
         embedding = self.model.get_input_embeddings()
         if type(embedding) is nn.Embedding:
             path = next(p for p, m in self.model.named_modules() if m is embedding)
             _, weight = self._stored(f"{path}.weight", tuple(embedding.weight.shape))
             self.model.set_input_embeddings(StreamedEmbedding(self.pool, weight, embedding.weight.dtype))
         for path, module in list(self.model.named_modules()):
-            if type(module) is nn.Linear:
+            streamed = self._streamed_form(path, module)
+            if streamed is not None:
                 parent, _, name = path.rpartition(".")
-                setattr(self.model.get_submodule(parent), name, self._streamed_linear(path, module))
+                setattr(self.model.get_submodule(parent), name, streamed)
 
-    def _streamed_linear(self, path: str, linear: nn.Linear) -> StreamedLinear:
-        _, weight = self._stored(f"{path}.weight", tuple(linear.weight.shape))
-        bias = None if linear.bias is None else self._stored(f"{path}.bias", tuple(linear.bias.shape))[1]
-        return StreamedLinear(self.pool, weight, bias, linear.weight.dtype)
+    def _streamed_form(self, path: str, module: nn.Module) -> StreamedWeights | None:
+        """The streamed module standing in for a plain Linear or an (out, in) unmerged one, else None."""
+        if type(module) is nn.Linear:
+            weight, bias = self._weight_and_bias(path, module.weight, module.bias)
+            return StreamedLinear(self.pool, weight, bias, module.weight.dtype)
+        if isinstance(module, UnmergedLinear) and not module.fan_in_fan_out:
+            weight, bias = self._weight_and_bias(path, module.weight, module.bias)
+            return StreamedUnmergedLinear(self.pool, module, weight, bias)
+        return None
+
+    def _weight_and_bias(
+        self, path: str, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[StoredTensor, StoredTensor | None]:
+        stored_bias = None if bias is None else self._stored(f"{path}.bias", tuple(bias.shape))[1]
+        return self._stored(f"{path}.weight", tuple(weight.shape))[1], stored_bias
 
     def _materialise(self, module: nn.Module, args: tuple) -> None:
         for b in self.bindings[module]:
@@ -309,7 +248,7 @@ class StreamedModel:
     def layer_keys(self, index: int) -> list[str]:
         """The checkpoint names layer `index` reads."""
         modules = list(self.layers[index].modules())
-        streamed = [key for m in modules if isinstance(m, StreamedLinear) for key in m.keys]
+        streamed = [key for m in modules if isinstance(m, StreamedWeights) for key in m.keys]
         return [b.key for m in modules for b in self.bindings.get(m, ())] + streamed
 
     # the forward, in three parts

@@ -3,7 +3,7 @@
 Adapted weights are compared with Ŵ recomputed in float64 (the unmerged forward evaluated on the
 identity, a block of its rows at a time, so no (out, in) float64 tensor is ever formed); every
 other tensor must equal the base's cast to the merged dtype.  The tensors come from a
-merger.streaming.TensorPool, so the checks read a layer's tensors while the probes' forward has
+merger.streamed_modules.TensorPool, so the checks read a layer's tensors while the probes' forward has
 them mapped.  Metric definitions are in merger.report.
 """
 
@@ -18,7 +18,7 @@ from merger import formula
 from merger.checkpoint import MappedTensor, StoredTensor
 from merger.kinds import AdapterKind, ModuleAdapter
 from merger.report import WeightError
-from merger.streaming import TensorPool
+from merger.streamed_modules import TensorPool
 
 BLOCK_ELEMENTS = 1 << 20  # float64 work per block: 8 MiB
 

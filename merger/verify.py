@@ -54,7 +54,8 @@ from merger.probes import (
     streamed_forced_hidden,
 )
 from merger.report import EquivalenceReport, LogitMetrics, Thresholds
-from merger.streaming import StreamedModel, StreamError, TensorPool
+from merger.streamed_modules import TensorPool
+from merger.streaming import StreamedModel, StreamError
 from merger.tensorcheck import TensorChecks, tensor_name_problems
 
 REFERENCE_DTYPE = torch.float32

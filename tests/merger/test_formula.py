@@ -15,24 +15,10 @@ from merger.checkpoint import CheckpointReader
 from merger.formula import FusionError, lora_scaling
 from merger.kinds import ADAPTER_KINDS, ModuleAdapter
 from tests.merger.reference import reference_fuse
-from tests.support.adapters import write_random_adapter
+from tests.support.adapters import random_factors, write_random_adapter
 
 MODULE = "model.layers.3.self_attn.q_proj"
 OUT, IN, R = 24, 16, 4
-
-
-def random_factors(kind: str, out: int, inp: int, r: int, seed: int, scale: float = 0.3) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    factors = {
-        "lora_A.weight": torch.randn(r, inp, generator=gen),
-        "lora_B.weight": scale * torch.randn(out, r, generator=gen),
-    }
-    if kind == "D2LORA":
-        factors["lora_A_neg.weight"] = torch.randn(r, inp, generator=gen)
-        factors["lora_B_neg.weight"] = scale * torch.randn(out, r, generator=gen)
-    if kind == "DORA":
-        factors["lora_magnitude_vector"] = 1 + torch.rand(out, generator=gen)
-    return factors
 
 
 def stored_weight(out: int, inp: int, dtype: torch.dtype, fan_in_fan_out: bool, seed: int = 1) -> torch.Tensor:

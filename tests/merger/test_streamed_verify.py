@@ -6,12 +6,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from merger import streaming, verify
+from merger import formula, streamed_modules, verify
 from merger.checkpoint import file_tensors
+from merger.kinds import ADAPTER_KINDS, ModuleAdapter
 from merger.merge import merge
 from merger.probes import NEW_TOKENS
 from merger.report import Thresholds
-from tests.support.adapters import write_random_adapter
+from merger.unmerged import UnmergedLinear
+from tests.support.adapters import random_factors, write_random_adapter
 from tests.support.oracle import streamed_run, whole_model_floor, whole_model_run
 
 METRIC_TOLERANCE = 1e-6
@@ -37,14 +39,34 @@ def test_streamed_comparison_equals_the_whole_model_one(tiny_base, adapter_dir, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_linear_streamed_in_row_blocks_computes_the_linear(tmp_path, monkeypatch, dtype):
     """StreamedLinear, a few rows at a time, from a real safetensors file: nn.Linear's output in `dtype`."""
-    monkeypatch.setattr(streaming, "LINEAR_BLOCK_BYTES", 3 * 40 * 4)  # 3 rows of 40 fp32 features: 17 blocks
+    monkeypatch.setattr(streamed_modules, "LINEAR_BLOCK_BYTES", 3 * 40 * 4)  # 3 rows of 40 fp32 features: 17 blocks
     weight, bias = torch.randn(50, 40), torch.randn(50)  # (out, in), (out,)
     save_file({"w": weight, "b": bias}, tmp_path / "linear.safetensors")
     stored = file_tensors(tmp_path / "linear.safetensors")
-    linear = streaming.StreamedLinear(streaming.TensorPool(), stored["w"], stored["b"], dtype)
+    linear = streamed_modules.StreamedLinear(streamed_modules.TensorPool(), stored["w"], stored["b"], dtype)
     x = torch.randn(2, 7, 40, dtype=dtype)  # (batch, seq, in)
     expected = torch.nn.functional.linear(x, weight.to(dtype), bias.to(dtype))  # (batch, seq, out)
     torch.testing.assert_close(linear(x), expected)
+
+
+@pytest.mark.parametrize("stored_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["D2LORA", "LORA", "DORA"])
+def test_an_adapted_linear_streamed_in_row_blocks_computes_the_unmerged_one(tmp_path, monkeypatch, kind, stored_dtype):
+    """StreamedUnmergedLinear, W0 and its row scale 3 rows at a time (17 blocks, the last short), from a real
+    safetensors file: UnmergedLinear's output on the whole weight."""
+    weight, bias = torch.randn(50, 40).to(stored_dtype), torch.randn(50).to(stored_dtype)  # (out, in), (out,)
+    save_file({"w": weight, "b": bias}, tmp_path / "linear.safetensors")
+    stored = file_tensors(tmp_path / "linear.safetensors")
+    module = ModuleAdapter("layer", random_factors(kind, 50, 40, 4, seed=3), scaling=2.0, tau=0.5, fan_in_fan_out=False)
+    base = torch.nn.Linear(40, 50)
+    base.weight.data, base.bias.data = weight.float(), bias.float()
+    unmerged = UnmergedLinear(base, ADAPTER_KINDS[kind](), module)
+    monkeypatch.setattr(formula, "BLOCK_ELEMENTS", 3 * 40)
+    streamed = streamed_modules.StreamedUnmergedLinear(
+        streamed_modules.TensorPool(), unmerged, stored["w"], stored["b"]
+    )
+    x = torch.randn(2, 7, 40)  # (batch, seq, in)
+    torch.testing.assert_close(streamed(x), unmerged(x), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -53,7 +75,7 @@ def test_linears_streamed_in_many_row_blocks_give_the_same_verdict(
 ):
     """Every plain Linear (and the head) a few rows at a time, as at real sizes (a block per 16 MiB): the same
     greedy path and agreements as the whole model; the logit error moves only by float32 rounding."""
-    monkeypatch.setattr(streaming, "LINEAR_BLOCK_BYTES", 256)  # a tiny model's Linear: tens of blocks
+    monkeypatch.setattr(streamed_modules, "LINEAR_BLOCK_BYTES", 256)  # a tiny model's Linear: tens of blocks
     streamed = streamed_run(tiny_base(arch), adapter_dir(arch), merged_dir(arch), torch.float32)
     whole = whole_model_run(tiny_base(arch), adapter_dir(arch), merged_dir(arch), torch.float32)
     assert torch.equal(streamed.path, whole.path)

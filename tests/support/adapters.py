@@ -159,3 +159,17 @@ def write_random_adapter(
     (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(tensors, out_dir / "adapter_model.safetensors")
     return out_dir
+
+
+def random_factors(kind: str, out: int, inp: int, r: int, seed: int, scale: float = 0.3) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    factors = {
+        "lora_A.weight": torch.randn(r, inp, generator=gen),
+        "lora_B.weight": scale * torch.randn(out, r, generator=gen),
+    }
+    if kind == "D2LORA":
+        factors["lora_A_neg.weight"] = torch.randn(r, inp, generator=gen)
+        factors["lora_B_neg.weight"] = scale * torch.randn(out, r, generator=gen)
+    if kind == "DORA":
+        factors["lora_magnitude_vector"] = 1 + torch.rand(out, generator=gen)
+    return factors
