@@ -59,6 +59,7 @@ class AdapterKind:
     factor_names: ClassVar[tuple[str, ...]]  # the tensors each adapted module carries
     row_factor_names: ClassVar[tuple[str, ...]]  # those with one row per output feature
     add_residual: ClassVar[bool] = False
+    has_row_scale: ClassVar[bool] = True  # False: row_scale is always None (plain addition)
 
     def factor_shapes(self, r: int, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
         raise NotImplementedError
@@ -83,6 +84,8 @@ class AdapterKind:
     def blocked_row_scale(self, w0: torch.Tensor, module: ModuleAdapter) -> torch.Tensor | None:
         """row_scale, a block of output rows at a time (formula.row_slices): ΔW and the fp32 copy of W0 are
         formed a block at a time, never (out, in) whole.  w0: (out, in), any float dtype -> (out, 1) or None"""
+        if not self.has_row_scale:
+            return None
         return joined_row_scale([scale for *_, scale in self.row_blocks(w0, module)])
 
     def row_blocks(
@@ -190,6 +193,7 @@ class LoraKind(AdapterKind):
     name = "LORA"
     factor_names: ClassVar[tuple[str, ...]] = ("lora_A.weight", "lora_B.weight")
     row_factor_names: ClassVar[tuple[str, ...]] = ("lora_B.weight",)
+    has_row_scale: ClassVar[bool] = False
 
     def factor_shapes(self, r, out_features, in_features):
         return _lora_shapes(r, out_features, in_features)
@@ -212,6 +216,7 @@ class DoraKind(LoraKind):
 
     name = "DORA"
     factor_names = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+    has_row_scale = True
     row_factor_names = ("lora_B.weight", "lora_magnitude_vector")
 
     def factor_shapes(self, r, out_features, in_features):

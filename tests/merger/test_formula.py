@@ -113,6 +113,16 @@ def test_artifact_scaling_reaches_the_fused_weight(tiny_base, tmp_path, use_rslo
     reader.close()
 
 
+@pytest.mark.parametrize("kind", ["D2LORA", "LORA", "DORA"])
+def test_a_kind_says_whether_it_has_a_row_scale(kind):
+    """has_row_scale lets the checks skip forming ΔW for plain LoRA: it must say what row_scale does."""
+    w0, adapter_kind = torch.randn(OUT, IN), ADAPTER_KINDS[kind]()
+    module = ModuleAdapter(MODULE, random_factors(kind, OUT, IN, R, seed=4), 1.0, 0.5, False)
+    scale = adapter_kind.row_scale(w0, adapter_kind.delta(module), module)
+    assert adapter_kind.has_row_scale == (scale is not None)
+    assert (adapter_kind.blocked_row_scale(w0, module) is None) == (scale is None)
+
+
 @pytest.mark.parametrize("block_rows", [OUT, 5], ids=["one-block", "row-7-in-block-2"])
 @pytest.mark.parametrize("fan_in_fan_out", [False, True], ids=["linear", "conv1d"])
 @pytest.mark.parametrize("kind", ["D2LORA", "DORA"])
