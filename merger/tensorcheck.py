@@ -1,8 +1,9 @@
 """The tensor checks of `d2lora verify`, a few tensors at a time.
 
-Adapted weights are compared with Ŵ recomputed in float64 (the unmerged forward evaluated on the
-identity, a block of its rows at a time, so no (out, in) float64 tensor is ever formed); every
-other tensor must equal the base's cast to the merged dtype.  The tensors come from a
+Adapted weights are compared with Ŵ recomputed in float64 (the unmerged forward's combination of
+W0's rows and ΔW's rows from the low-rank factors, a block of output rows at a time, so no (out, in)
+float64 tensor is ever formed and neither weight is ever wholly resident); every other tensor must
+equal the base's cast to the merged dtype.  The tensors come from a
 merger.streamed_modules.TensorPool, so the checks read a layer's tensors while the probes' forward has
 them mapped.  Metric definitions are in merger.report.
 """
@@ -32,45 +33,49 @@ def _worse(worst: float, value: float) -> float:
     return value if _is_worse(value, worst) else worst
 
 
-def identity_blocks(size: int) -> Iterator[tuple[slice, torch.Tensor]]:
-    """Consecutive row blocks of the float64 identity.  -> (rows, (block, size))"""
-    step = max(1, BLOCK_ELEMENTS // max(1, size))
-    for start in range(0, size, step):
-        rows = slice(start, min(start + step, size))
-        block = torch.zeros(rows.stop - start, size, dtype=torch.float64)
-        block[torch.arange(rows.stop - start), torch.arange(start, rows.stop)] = 1.0
-        yield rows, block
-
-
-def effective_weight_blocks(
-    w0_stored: torch.Tensor, kind: AdapterKind, module: ModuleAdapter
+def effective_weight_rows(
+    w0: torch.Tensor, kind: AdapterKind, module: ModuleAdapter
 ) -> Iterator[tuple[slice, torch.Tensor]]:
-    """Ŵᵀ in float64, a block of input features at a time: the unmerged forward on the identity.
+    """Ŵ in float64, a block of output rows at a time, by the unmerged forward's own combination.
 
-    With x = rows of I, W0 x and ΔW x (the kind's low-rank branch) are exact columns of W0 and ΔW,
-    so formula.combine_outputs gives rows of Ŵᵀ without the merge's code path.  -> (features, (block, out))
+    Per block (AdapterKind.row_blocks: W0's rows and their row scale), ΔW's rows are formed in float64
+    from the kind's low-rank factors (s · B[rows] A, not the merge's float32 ΔW) and combined with W0's
+    rows by formula.combine_outputs, the reference forward's formula.  w0: (out, in) -> (rows, (rows, in))
     """
-    w0 = w0_stored.T if module.fan_in_fan_out else w0_stored  # (out, in)
-    row_scale = kind.blocked_row_scale(w0, module)  # (out, 1) or None
-    for features, identity in identity_blocks(w0.shape[1]):
-        delta_t = kind.delta_forward(identity, module)  # (block, out) = ΔW[:, features]ᵀ
-        base_t = w0[:, features].T.to(torch.float64)  # (block, out)
-        yield features, formula.combine_outputs(base_t, delta_t, row_scale, kind.add_residual)
+    a, b = (factor.to(torch.float64) for factor in kind.low_rank(module))  # (k, in), (out, k)
+    for rows, w0_rows, _, scale in kind.row_blocks(w0, module):
+        delta_t = (module.scaling * (b[rows] @ a)).T  # (in, rows) = ΔW[rows]ᵀ
+        expected_t = formula.combine_outputs(w0_rows.T.to(torch.float64), delta_t, scale, kind.add_residual)
+        yield rows, expected_t.T
 
 
 def module_error(
-    w0_stored: torch.Tensor, merged_stored: torch.Tensor, kind: AdapterKind, module: ModuleAdapter
+    w0_mapped: MappedTensor, merged_mapped: MappedTensor, kind: AdapterKind, module: ModuleAdapter
 ) -> WeightError:
-    """max |W_merged − Ŵ| and that over max |Ŵ|, for one adapted module."""
-    if merged_stored.shape != w0_stored.shape:
+    """max |W_merged − Ŵ| and that over max |Ŵ|, for one adapted module.
+
+    Both weights are read a block of rows at a time and each block's pages given back, so a module costs a
+    block of each, not its two whole (out, in) weights (a transposed Conv1D weight's rows are columns of
+    its file: its pages are given back by the caller).
+    """
+    w0, merged = _out_in(w0_mapped.view, module), _out_in(merged_mapped.view, module)  # (out, in) each
+    if merged.shape != w0.shape:
         return WeightError(float("inf"), float("inf"))
-    merged = merged_stored.T if module.fan_in_fan_out else merged_stored  # (out, in)
     worst = largest = 0.0
-    for features, expected_t in effective_weight_blocks(w0_stored, kind, module):
-        actual_t = merged[:, features].T.to(torch.float64)  # (block, out)
-        worst = _worse(worst, (actual_t - expected_t).abs().max().item())
-        largest = _worse(largest, expected_t.abs().max().item())
+    for rows, expected in effective_weight_rows(w0, kind, module):
+        actual = merged[rows].to(torch.float64)  # (rows, in)
+        worst = _worse(worst, (actual - expected).abs().max().item())
+        largest = _worse(largest, expected.abs().max().item())
+        if not module.fan_in_fan_out:
+            for mapped in (w0_mapped, merged_mapped):
+                row_bytes = w0.shape[1] * mapped.view.element_size()
+                mapped.drop_pages(rows.start * row_bytes, rows.stop * row_bytes)
     return WeightError(worst, worst / max(largest, torch.finfo(torch.float64).tiny))
+
+
+def _out_in(stored: torch.Tensor, module: ModuleAdapter) -> torch.Tensor:
+    """A weight in torch layout (a view).  -> (out, in)"""
+    return stored.T if module.fan_in_fan_out else stored
 
 
 def max_abs_diff(stored: MappedTensor, expected: MappedTensor) -> float:
@@ -128,7 +133,7 @@ class TensorChecks:
             base, merged = self.base[name], self.merged[name]
             if name in self.adapted:
                 module = self.adapted[name]
-                error = module_error(self._view(base), self._view(merged), self.kind, module)
+                error = module_error(self.pool.mapped(base), self.pool.mapped(merged), self.kind, module)
                 self.weight_errors[module.path] = error
             elif merged is not base:  # the base's own bytes (a fused file over the base) need no check
                 diff = max_abs_diff(self.pool.mapped(merged), self.pool.mapped(base))
@@ -140,9 +145,6 @@ class TensorChecks:
     def check_rest(self) -> None:
         self.check(set(self.pending))
         self.pool.close()
-
-    def _view(self, stored: StoredTensor) -> torch.Tensor:
-        return self.pool.mapped(stored).view
 
     def sorted_weight_errors(self) -> dict[str, WeightError]:
         return dict(sorted(self.weight_errors.items()))

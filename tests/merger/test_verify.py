@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from merger import formula
 from merger.artifact import Adapter
 from merger.checkpoint import CheckpointReader
 from merger.demo import build_demo_model
@@ -100,14 +101,14 @@ def test_verify_fails_when_the_merged_folder_holds_another_adapter(tiny_base, ad
     )
 
 
-def _tamper(merged_dir, dst, tensor_name: str, amount: float):
+def _tamper(merged_dir, dst, tensor_name: str, amount: float, element: int = 0):
     """A copy of the merged folder with one element of one tensor changed in place (the header untouched)."""
     shutil.copytree(merged_dir, dst)
     with CheckpointReader(dst) as reader:
         stored = reader.tensors[tensor_name]
-        value = reader.read(tensor_name).reshape(-1)[:1] + amount  # (1,), stored dtype
+        value = reader.read(tensor_name).reshape(-1)[element : element + 1] + amount  # (1,), stored dtype
     with open(stored.file, "r+b") as f:
-        f.seek(stored.offset)
+        f.seek(stored.offset + element * value.element_size())
         f.write(value.numpy().tobytes())
     return dst
 
@@ -129,6 +130,23 @@ def test_cli_verify_names_a_tampered_tensor_and_exits_1(
     failures = [line for line in out.splitlines() if line.strip().startswith("FAIL:")]
     assert any(failed_metric in line and named in line for line in failures), out
     assert main([*args, str(merged_llama)]) == 0
+
+
+def test_the_weight_check_a_few_rows_at_a_time_finds_a_tampered_row_in_a_later_block(
+    tiny_base, adapter_dir, merged_llama, tmp_path, monkeypatch
+):
+    """Ŵ is recomputed and compared 5 rows at a time: a faithful merge's errors are the one-block ones, and
+    a change in row 100 (block 21 of 26) is found in its module."""
+    base, adapter, module = tiny_base("llama"), adapter_dir("llama"), "model.layers.1.self_attn.o_proj"
+    whole = verify(base, adapter, merged_dir=merged_llama).weight_errors
+    monkeypatch.setattr(formula, "BLOCK_ELEMENTS", 5 * 128)  # 128 input features: 5 rows a block
+    blocked = verify(base, adapter, merged_dir=merged_llama).weight_errors
+    assert blocked.keys() == whole.keys()
+    for name, error in whole.items():
+        assert blocked[name].max_abs == pytest.approx(error.max_abs, rel=1e-9, abs=1e-15), name
+    tampered = _tamper(merged_llama, tmp_path / "tampered", f"{module}.weight", 1e-3, element=100 * 128 + 3)
+    report = verify(base, adapter, merged_dir=tampered)
+    assert not report.passed and report.weight_errors[module].max_abs > 5e-4
 
 
 def test_cli_verify_writes_the_json_report(tiny_base, adapter_dir, merged_llama, tmp_path, capsys):
