@@ -147,6 +147,11 @@ class MappedTensor:
         if end > start:
             self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
 
+    def drop_rows(self, rows: slice) -> None:
+        """Give back the resident pages of the leading-dimension rows `rows` (a weight's output rows)."""
+        row_bytes = math.prod(self.stored.spec.shape[1:]) * self.view.element_size()
+        self.drop_pages(rows.start * row_bytes, rows.stop * row_bytes)
+
 
 def _read_stored(stored: StoredTensor) -> torch.Tensor:
     """One tensor copied into fresh memory (see CheckpointReader.read)."""

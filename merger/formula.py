@@ -84,14 +84,19 @@ def d2lora_delta(
     return low_rank_delta(a, b, scaling)
 
 
+def _rows_per_block(w: torch.Tensor) -> int:
+    """Rows of w in about BLOCK_ELEMENTS elements.  w: (out, in)"""
+    return max(1, BLOCK_ELEMENTS // max(1, w.shape[-1]))
+
+
 def row_blocks(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Views of consecutive row blocks of w, about BLOCK_ELEMENTS each.  (out, in) -> ((rows, in), ...)"""
-    return w.split(max(1, BLOCK_ELEMENTS // max(1, w.shape[-1])))
+    return w.split(_rows_per_block(w))
 
 
 def row_slices(w: torch.Tensor) -> list[slice]:
     """The rows of row_blocks(w), as slices.  w: (out, in)"""
-    step = max(1, BLOCK_ELEMENTS // max(1, w.shape[-1]))
+    step = _rows_per_block(w)
     return [slice(start, min(start + step, w.shape[0])) for start in range(0, w.shape[0], step)]
 
 

@@ -115,7 +115,7 @@ class AdapterKind:
 
     def row_scaled(self, w0_stored: torch.Tensor, module: ModuleAdapter) -> RowScaledLowRank:
         """The per-request form (A, B̃, d), d exactly the row scale `fuse` applies."""
-        return self.row_scaled_form(module, self.blocked_row_scale(_out_in(w0_stored, module), module))
+        return self.row_scaled_form(module, self.blocked_row_scale(out_in(w0_stored, module), module))
 
     def fused_rows(
         self, w0: torch.Tensor, module: ModuleAdapter
@@ -129,7 +129,7 @@ class AdapterKind:
 
     def fused_whole(self, w0_stored: torch.Tensor, module: ModuleAdapter) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Ŵ in fp32 (stored layout), formed a block of rows at a time, and its row scale (out, 1) or None."""
-        w0 = _out_in(w0_stored, module)  # (out, in)
+        w0 = out_in(w0_stored, module)  # (out, in)
         fused = torch.empty(w0.shape, dtype=formula.COMPUTE_DTYPE)  # (out, in)
         scales = []
         for rows, fused_rows, scale in self.fused_rows(w0, module):
@@ -148,7 +148,7 @@ class AdapterKind:
 
     def dora(self, w0_stored: torch.Tensor, module: ModuleAdapter) -> DoraFactors:
         """The same fused weight as a PEFT DoRA adapter (lora_A, lora_B, magnitude), scaling 1."""
-        w0 = _out_in(w0_stored, module)  # (out, in)
+        w0 = out_in(w0_stored, module)  # (out, in)
         row_scale = self.blocked_row_scale(w0, module)
         a, b = self.low_rank(module)
         try:
@@ -166,8 +166,8 @@ class AdapterKind:
                 formula.check_finite(tensor, module.path)
 
 
-def _out_in(w0_stored: torch.Tensor, module: ModuleAdapter) -> torch.Tensor:
-    """W0 in torch layout (a view).  -> (out, in)"""
+def out_in(w0_stored: torch.Tensor, module: ModuleAdapter) -> torch.Tensor:
+    """A weight of the module in torch layout (a view).  -> (out, in)"""
     return w0_stored.T if module.fan_in_fan_out else w0_stored
 
 
@@ -216,8 +216,8 @@ class DoraKind(LoraKind):
 
     name = "DORA"
     factor_names = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
-    has_row_scale = True
     row_factor_names = ("lora_B.weight", "lora_magnitude_vector")
+    has_row_scale = True
 
     def factor_shapes(self, r, out_features, in_features):
         return {**_lora_shapes(r, out_features, in_features), "lora_magnitude_vector": (out_features,)}

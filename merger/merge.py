@@ -163,14 +163,13 @@ def write_fused(
         writer.write(spec.name, _cast_fused(fused, dtype, module))
         return row_scale
     w0 = MappedTensor(reader.tensors[spec.name])  # (out, in), stored dtype
-    row_bytes = w0.view.shape[1] * w0.view.element_size()
     scales: list[torch.Tensor | None] = []
 
     def blocks() -> Iterator[torch.Tensor]:
         for rows, fused, scale in kind.fused_rows(w0.view, module):  # (rows, in) fp32
             scales.append(scale)
             yield _cast_fused(fused, dtype, module)
-            w0.drop_pages(rows.start * row_bytes, rows.stop * row_bytes)
+            w0.drop_rows(rows)
 
     writer.write_rows(spec.name, blocks())
     return joined_row_scale(scales)

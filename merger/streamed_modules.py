@@ -96,13 +96,12 @@ class StreamedLinear(StreamedWeights):
         weight = mapped.view  # (out, in), stored dtype
         bias = self.bias()  # (out,)
         out = x.new_empty((*x.shape[:-1], weight.shape[0]))  # (..., out)
-        row_bytes = weight.shape[1] * weight.element_size()
-        rows = max(1, LINEAR_BLOCK_BYTES // max(1, row_bytes))
-        for start in range(0, weight.shape[0], rows):
-            end = min(start + rows, weight.shape[0])
-            block = weight[start:end].to(self.dtype)  # (rows, in)
-            out[..., start:end] = F.linear(x, block, None if bias is None else bias[start:end])
-            mapped.drop_pages(start * row_bytes, end * row_bytes)
+        step = max(1, LINEAR_BLOCK_BYTES // max(1, weight.shape[1] * weight.element_size()))
+        for start in range(0, weight.shape[0], step):
+            rows = slice(start, min(start + step, weight.shape[0]))
+            block = weight[rows].to(self.dtype)  # (rows, in)
+            out[..., rows] = F.linear(x, block, None if bias is None else bias[rows])
+            mapped.drop_rows(rows)
         self.pool.unmap(self.weight_stored)
         return out
 
@@ -125,11 +124,11 @@ class StreamedUnmergedLinear(StreamedWeights):
         mapped = self.pool.mapped(self.weight_stored)
         w0 = mapped.view  # (out, in), stored dtype
         base_out = x.new_empty((*x.shape[:-1], w0.shape[0]))  # (..., out): W0 x
-        row_bytes, scales = w0.shape[1] * w0.element_size(), []
+        scales = []
         for rows, w0_rows, _, scale in self.kind.row_blocks(w0, self.adapter):  # w0_rows: (rows, in) fp32
             base_out[..., rows] = F.linear(x, w0_rows.to(self.dtype))
             scales.append(scale)
-            mapped.drop_pages(rows.start * row_bytes, rows.stop * row_bytes)
+            mapped.drop_rows(rows)
         self.pool.unmap(self.weight_stored)
         delta_out = self.kind.delta_forward(x, self.adapter)  # (..., out)
         y = formula.combine_outputs(base_out, delta_out, joined_row_scale(scales), self.kind.add_residual)

@@ -17,7 +17,7 @@ import torch
 
 from merger import formula
 from merger.checkpoint import MappedTensor, StoredTensor
-from merger.kinds import AdapterKind, ModuleAdapter
+from merger.kinds import AdapterKind, ModuleAdapter, out_in
 from merger.report import WeightError
 from merger.streamed_modules import TensorPool
 
@@ -58,7 +58,7 @@ def module_error(
     block of each, not its two whole (out, in) weights (a transposed Conv1D weight's rows are columns of
     its file: its pages are given back by the caller).
     """
-    w0, merged = _out_in(w0_mapped.view, module), _out_in(merged_mapped.view, module)  # (out, in) each
+    w0, merged = out_in(w0_mapped.view, module), out_in(merged_mapped.view, module)  # (out, in) each
     if merged.shape != w0.shape:
         return WeightError(float("inf"), float("inf"))
     worst = largest = 0.0
@@ -67,15 +67,9 @@ def module_error(
         worst = _worse(worst, (actual - expected).abs().max().item())
         largest = _worse(largest, expected.abs().max().item())
         if not module.fan_in_fan_out:
-            for mapped in (w0_mapped, merged_mapped):
-                row_bytes = w0.shape[1] * mapped.view.element_size()
-                mapped.drop_pages(rows.start * row_bytes, rows.stop * row_bytes)
+            w0_mapped.drop_rows(rows)
+            merged_mapped.drop_rows(rows)
     return WeightError(worst, worst / max(largest, torch.finfo(torch.float64).tiny))
-
-
-def _out_in(stored: torch.Tensor, module: ModuleAdapter) -> torch.Tensor:
-    """A weight in torch layout (a view).  -> (out, in)"""
-    return stored.T if module.fan_in_fan_out else stored
 
 
 def max_abs_diff(stored: MappedTensor, expected: MappedTensor) -> float:
