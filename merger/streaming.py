@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from merger import attention
 from merger.artifact import Adapter
 from merger.checkpoint import StoredTensor
 from merger.errors import D2LoraError
@@ -102,13 +103,14 @@ def skeleton(config_dir: Path, dtype: torch.dtype) -> PreTrainedModel:
 
     Built on the meta device (no memory, no address space), then its non-persistent buffers (the rotary
     frequencies) are made real and initialised by the model's own _init_weights, as from_pretrained does.
+    Its attention is transformers' SDPA with the key/value heads shared in the kernel (merger.attention).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         config = AutoConfig.from_pretrained(config_dir)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention.register())
     except (OSError, ValueError, KeyError) as err:
         raise StreamError(f"{config_dir}: no causal LM to build from its config.json ({err})") from None
     owners: dict[int, nn.Module] = {}
