@@ -11,9 +11,14 @@ cache, no grouping) goes to transformers' own function unchanged.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 NAME = "d2lora_shared_kv_sdpa"  # the attn_implementation streamed skeletons are built with
 
@@ -48,3 +53,13 @@ def register() -> str:
     AttentionInterface.register(NAME, shared_kv_sdpa)
     AttentionMaskInterface.register(NAME, sdpa_mask)
     return NAME
+
+
+def use_shared_kv_sdpa(model: PreTrainedModel) -> None:
+    """Run shared_kv_sdpa where transformers would run its own SDPA through its attention interface.
+
+    A model that transformers gives eager attention, or whose attention classes do not dispatch through
+    AttentionInterface, keeps what it has.
+    """
+    if model.config._attn_implementation == "sdpa" and model.is_backend_compatible():
+        model.set_attn_implementation(register())

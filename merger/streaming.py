@@ -110,7 +110,7 @@ def skeleton(config_dir: Path, dtype: torch.dtype) -> PreTrainedModel:
     try:
         config = AutoConfig.from_pretrained(config_dir)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention.register())
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except (OSError, ValueError, KeyError) as err:
         raise StreamError(f"{config_dir}: no causal LM to build from its config.json ({err})") from None
     owners: dict[int, nn.Module] = {}
@@ -121,6 +121,7 @@ def skeleton(config_dir: Path, dtype: torch.dtype) -> PreTrainedModel:
         owners[id(owner)] = owner
     for owner in owners.values():
         model._init_weights(owner)
+    attention.use_shared_kv_sdpa(model)
     meta = [name for name, buffer in model.named_buffers() if buffer.is_meta]
     if meta:
         raise StreamError(f"{type(model).__name__}: buffer {meta[0]!r} is not one streaming can initialise")

@@ -40,6 +40,15 @@ def test_shared_heads_give_transformers_sdpa_bit_for_bit(dtype, queries, keys):
     assert torch.equal(shared, repeated)
 
 
-def test_a_streamed_skeleton_runs_the_shared_heads_attention(llama):
+def test_a_streamed_skeleton_runs_the_shared_heads_attention_where_transformers_runs_sdpa(llama):
     model = skeleton(llama, torch.float32)
     assert model.config._attn_implementation == attention.NAME
+
+
+def test_a_model_given_eager_attention_keeps_it(llama):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(llama), attn_implementation="eager")
+    attention.use_shared_kv_sdpa(model)
+    assert model.config._attn_implementation == "eager"
