@@ -84,9 +84,9 @@ def d2lora_delta(
     return low_rank_delta(a, b, scaling)
 
 
-def _rows_per_block(w: torch.Tensor) -> int:
-    """Rows of w in about BLOCK_ELEMENTS elements.  w: (out, in)"""
-    return max(1, BLOCK_ELEMENTS // max(1, w.shape[-1]))
+def _rows_per_block(w: torch.Tensor, block_elements: int | None = None) -> int:
+    """Rows of w in about block_elements elements (default BLOCK_ELEMENTS).  w: (out, in)"""
+    return max(1, (BLOCK_ELEMENTS if block_elements is None else block_elements) // max(1, w.shape[-1]))
 
 
 def row_blocks(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -94,9 +94,9 @@ def row_blocks(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return w.split(_rows_per_block(w))
 
 
-def row_slices(w: torch.Tensor) -> list[slice]:
-    """The rows of row_blocks(w), as slices.  w: (out, in)"""
-    step = _rows_per_block(w)
+def row_slices(w: torch.Tensor, block_elements: int | None = None) -> list[slice]:
+    """The rows of row_blocks(w), as slices (blocks of about block_elements, default BLOCK_ELEMENTS).  w: (out, in)"""
+    step = _rows_per_block(w, block_elements)
     return [slice(start, min(start + step, w.shape[0])) for start in range(0, w.shape[0], step)]
 
 

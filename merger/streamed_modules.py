@@ -96,9 +96,7 @@ class StreamedLinear(StreamedWeights):
         weight = mapped.view  # (out, in), stored dtype
         bias = self.bias()  # (out,)
         out = x.new_empty((*x.shape[:-1], weight.shape[0]))  # (..., out)
-        step = max(1, LINEAR_BLOCK_BYTES // max(1, weight.shape[1] * weight.element_size()))
-        for start in range(0, weight.shape[0], step):
-            rows = slice(start, min(start + step, weight.shape[0]))
+        for rows in formula.row_slices(weight, LINEAR_BLOCK_BYTES // weight.element_size()):
             block = weight[rows].to(self.dtype)  # (rows, in)
             out[..., rows] = F.linear(x, block, None if bias is None else bias[rows])
             mapped.drop_rows(rows)
