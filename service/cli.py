@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from merger import commands as merger_commands
-from merger import export_cli
+from merger import export_cli, mkl
 from merger.errors import D2LoraError
 from merger.train import cli as train_commands
 from service import demo, serve
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    mkl.prefer_avx2_kernels()  # before any matmul: MKL reads it once (merger.mkl)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
