@@ -38,13 +38,17 @@ def test_a_weight_fused_a_block_of_rows_at_a_time_is_the_one_fused_whole(
     tiny_base, adapter_dir, tmp_path, monkeypatch, arch, dtype
 ):
     """Ŵ is formed and written a few rows at a time (Llama: 5 of 128 input features; GPT-2: 10 of 64), the last
-    block short: the same tensors, bit for bit."""
+    block short: the same tensors, within two units in the last place of its largest entry.  On an Intel CPU they are
+    bit for bit the same; on an AMD EPYC oneMKL's SGEMM rounds a row of B A differently with the number of
+    rows it is given (either kernel branch), so a block's ΔW row can differ from the whole one's in its last bit."""
     base, adapter = tiny_base(arch), adapter_dir(arch)
     whole = load_file(fuse_into_file(base, adapter, tmp_path / "whole.safetensors", dtype=dtype).out_file)
     monkeypatch.setattr(formula, "BLOCK_ELEMENTS", 5 * 128)
     blocked = load_file(fuse_into_file(base, adapter, tmp_path / "blocked.safetensors", dtype=dtype).out_file)
     assert whole.keys() == blocked.keys()
-    assert all(torch.equal(whole[name], blocked[name]) for name in whole)
+    for name in whole:
+        last_place = torch.finfo(whole[name].dtype).eps * whole[name].abs().max().item()  # of the largest entry
+        torch.testing.assert_close(blocked[name], whole[name], rtol=0, atol=2 * last_place)
 
 
 @pytest.mark.parametrize("rows", [[2, 1], [2, 2, 1]], ids=["too-few", "too-many"])
