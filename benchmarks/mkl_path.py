@@ -50,7 +50,8 @@ def linear_rates(branch: str | None) -> dict:
 
     _choose(branch)
     weights = [torch.randn(LINEAR_SHAPE) for _ in range(LINEAR_WEIGHTS)]  # [(out, in)]
-    weight_bytes = sum(w.numel() * w.element_size() for w in weights)
+    weight_elements = sum(w.numel() for w in weights)
+    weight_bytes = weight_elements * weights[0].element_size()
     rates = {}
     for rows in ROWS:
         x = torch.randn(rows, LINEAR_SHAPE[1])  # (rows, in)
@@ -60,16 +61,18 @@ def linear_rates(branch: str | None) -> dict:
             for w in weights:
                 F.linear(x, w)
             best = min(best, time.perf_counter() - start)
-        flops = 2 * rows * weight_bytes / w.element_size()
-        rates[str(rows)] = {"gb_per_s": weight_bytes / best / 1e9, "gflop_per_s": flops / best / 1e9}
+        rates[str(rows)] = {
+            "gb_per_s": weight_bytes / best / 1e9,
+            "gflop_per_s": 2 * rows * weight_elements / best / 1e9,
+        }
     return rates
 
 
-def fuse(base: str, adapter: str, out: str) -> None:
+def fuse(base: str, adapter: str, fused: str) -> None:
     from merger.merge import fuse_into_file
 
-    if not Path(out).is_file():
-        fuse_into_file(Path(base), Path(adapter), Path(out), "auto")
+    if not Path(fused).is_file():
+        fuse_into_file(Path(base), Path(adapter), Path(fused), "auto")
 
 
 def upload_verify(branch: str | None, base: str, adapter: str, fused: str) -> dict:
@@ -86,18 +89,22 @@ def _median_rates(runs: list[dict]) -> dict:
 
 
 def measure(rounds: int, with_verify: bool) -> dict:
-    paths = {"base": WORK_DIR / f"llama-{SIZE}-{DTYPE}", "adapter": WORK_DIR / f"adapter-{SIZE}-{DTYPE}"}
-    fused = WORK_DIR / f"fused-{SIZE}-{DTYPE}.safetensors"
+    paths = {name: str(WORK_DIR / f"{name}-{SIZE}-{DTYPE}") for name in ("llama", "adapter")}
+    files = {  # the inputs of `fuse` and `upload_verify`
+        "base": paths["llama"],
+        "adapter": paths["adapter"],
+        "fused": str(WORK_DIR / f"fused-{SIZE}-{DTYPE}.safetensors"),
+    }
     if with_verify:
-        inputs = {"folder": str(paths["base"]), "adapter": str(paths["adapter"]), "size": SIZE, "dtype": DTYPE}
+        inputs = {"folder": paths["llama"], "adapter": paths["adapter"], "size": SIZE, "dtype": DTYPE}
         run_job(f"{SIZES_MODULE}:build_inputs", inputs, timeout=7200)
-        run_job(f"{JOB_MODULE}:fuse", {"base": str(paths["base"]), "adapter": str(paths["adapter"]), "out": str(fused)})
+        run_job(f"{JOB_MODULE}:fuse", files)
     runs: dict[str, dict[str, list]] = {arm: {"linear": [], "verify": []} for arm in ARMS}
     for _ in range(rounds):
         for arm, branch in ARMS.items():
             runs[arm]["linear"].append(run_job(f"{JOB_MODULE}:linear_rates", {"branch": branch}).result)
             if with_verify:
-                kwargs = {"branch": branch, **{k: str(p) for k, p in paths.items()}, "fused": str(fused)}
+                kwargs = {"branch": branch, **files}
                 runs[arm]["verify"].append(run_job(f"{JOB_MODULE}:upload_verify", kwargs, timeout=3600).result)
     return {
         arm: {
@@ -129,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     require_positive(parser, args, ["rounds"])
     machine = machine_info()
-    applies = mkl.wants_avx2_branch(mkl.CPUINFO.read_text()) if mkl.CPUINFO.is_file() else False
+    applies = mkl.cpu_wants_avx2_branch()
     arms = measure(args.rounds, not args.skip_verify)
     record = {"command": command_line(JOB_MODULE, argv), "machine": machine, "d2lora_sets_it": applies, "arms": arms}
     write_atomic(args.json, json.dumps(record, indent=2) + "\n")

@@ -45,17 +45,19 @@ def wants_avx2_branch(cpuinfo: str) -> bool:
     return vendor not in ("", INTEL_VENDOR) and flags >= NEEDED_FLAGS
 
 
-def prefer_avx2_kernels(environ: MutableMapping[str, str] | None = None, cpuinfo: Path | None = None) -> bool:
-    """Set MKL_CBWR=AVX2 (in os.environ by default) where `wants_avx2_branch` and the user has not set it;
-    whether it was set."""
-    environ = os.environ if environ is None else environ
-    if VARIABLE in environ:
-        return False
+def cpu_wants_avx2_branch(cpuinfo: Path | None = None) -> bool:
+    """`wants_avx2_branch` for this machine's CPU (/proc/cpuinfo by default); False when it cannot be read."""
     try:
-        text = (cpuinfo or CPUINFO).read_text()
+        return wants_avx2_branch((cpuinfo or CPUINFO).read_text())
     except OSError:
         return False
-    if not wants_avx2_branch(text):
+
+
+def prefer_avx2_kernels(environ: MutableMapping[str, str] | None = None, cpuinfo: Path | None = None) -> bool:
+    """Set MKL_CBWR=AVX2 (in os.environ by default) where `cpu_wants_avx2_branch` and the user has not set it;
+    whether it was set."""
+    environ = os.environ if environ is None else environ
+    if VARIABLE in environ or not cpu_wants_avx2_branch(cpuinfo):
         return False
     environ[VARIABLE] = AVX2_BRANCH
     return True
