@@ -18,39 +18,22 @@ import os
 from collections.abc import MutableMapping
 from pathlib import Path
 
-CPUINFO = Path("/proc/cpuinfo")
+from merger import cpu
+
 VARIABLE = "MKL_CBWR"
 AVX2_BRANCH = "AVX2"
 INTEL_VENDOR = "GenuineIntel"
 NEEDED_FLAGS = frozenset({"avx2", "fma"})
 
 
-def first_processor(cpuinfo: str) -> dict[str, str]:
-    """The fields of the first processor in /proc/cpuinfo's text, e.g. {"vendor_id": "AuthenticAMD", ...}."""
-    fields: dict[str, str] = {}
-    for line in cpuinfo.splitlines():
-        if not line.strip():
-            if fields:
-                break
-            continue
-        name, _, value = line.partition(":")
-        fields.setdefault(name.strip(), value.strip())
-    return fields
-
-
-def wants_avx2_branch(cpuinfo: str) -> bool:
-    """An x86 CPU not made by Intel, with AVX2 and FMA: MKL's generic kernels would run on it."""
-    processor = first_processor(cpuinfo)
-    vendor, flags = processor.get("vendor_id", ""), set(processor.get("flags", "").split())
-    return vendor not in ("", INTEL_VENDOR) and flags >= NEEDED_FLAGS
+def wants_avx2_branch(processor: dict[str, str]) -> bool:
+    """An x86 CPU not made by Intel, with AVX2 and FMA (merger.cpu's fields): MKL's generic kernels would run on it."""
+    return processor.get("vendor_id", "") not in ("", INTEL_VENDOR) and cpu.flags(processor) >= NEEDED_FLAGS
 
 
 def cpu_wants_avx2_branch(cpuinfo: Path | None = None) -> bool:
     """`wants_avx2_branch` for this machine's CPU (/proc/cpuinfo by default); False when it cannot be read."""
-    try:
-        return wants_avx2_branch((cpuinfo or CPUINFO).read_text())
-    except OSError:
-        return False
+    return wants_avx2_branch(cpu.processor(cpuinfo))
 
 
 def prefer_avx2_kernels(environ: MutableMapping[str, str] | None = None, cpuinfo: Path | None = None) -> bool:

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from merger import mkl
+from merger import cpu, mkl
 from service import cli
 
 AMD_EPYC = """processor	: 0
@@ -60,7 +60,7 @@ def test_no_cpuinfo_sets_nothing(tmp_path):
 
 def test_the_d2lora_entry_point_chooses_before_it_parses(tmp_path, monkeypatch):
     (tmp_path / "cpuinfo").write_text(AMD_EPYC)
-    monkeypatch.setattr(mkl, "CPUINFO", tmp_path / "cpuinfo")
+    monkeypatch.setattr(cpu, "CPUINFO", tmp_path / "cpuinfo")
     monkeypatch.setenv("MKL_CBWR", "")  # recorded as absent, so it is removed again afterwards
     monkeypatch.delenv("MKL_CBWR")
     with pytest.raises(SystemExit):
