@@ -1,20 +1,22 @@
 """The modules merger.streaming runs on mapped checkpoint tensors, each reading its weight as it uses it.
 
 A `TensorPool` maps each stored tensor of the layer being run once.  `StreamedEmbedding` looks its
-rows up in the mapped weight; `StreamedLinear` multiplies a block of weight rows at a time and gives
-each block's pages back; `StreamedUnmergedLinear` is merger.unmerged's reference forward the same way,
-a block of W0's rows cast, multiplied and turned into its rows of the kind's row scale at a time.
+rows up in the mapped weight; `StreamedLinear` multiplies a block of weight rows at a time (with this
+CPU's kernel for the model's dtype, merger.cpu_linear) and gives each block's pages back;
+`StreamedUnmergedLinear` is merger.unmerged's reference forward the same way, a block of W0's rows
+cast, multiplied and turned into its rows of the kind's row scale at a time.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from merger import formula
+from merger import cpu_linear, formula
 from merger.checkpoint import MappedTensor, StoredTensor
 from merger.kinds import joined_row_scale
 from merger.unmerged import UnmergedLinear
@@ -27,6 +29,7 @@ class TensorPool:
 
     def __init__(self) -> None:
         self._maps: dict[tuple[Path, int], MappedTensor] = {}
+        self._staging = torch.empty(0, dtype=torch.uint8)  # grown to the largest cast block asked for
 
     def mapped(self, stored: StoredTensor) -> MappedTensor:
         key = (stored.file, stored.offset)
@@ -38,6 +41,14 @@ class TensorPool:
         """The stored tensor in `dtype`: the mapped view itself when it already is, else a cast copy."""
         view = self.mapped(stored).view
         return view if view.dtype == dtype else view.to(dtype)
+
+    def staging(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """A reused buffer of that shape and dtype for a block's cast copy: contents undefined, valid until the
+        next call (a fresh block-sized tensor per block would fault in fresh pages every time)."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if self._staging.numel() < nbytes:
+            self._staging = torch.empty(nbytes, dtype=torch.uint8)
+        return self._staging[:nbytes].view(dtype).view(shape)
 
     def release(self, stored: StoredTensor) -> None:
         """Give back its resident pages; it stays mapped (a later use faults them in from the page cache)."""
@@ -87,9 +98,13 @@ class StreamedLinear(StreamedWeights):
     """nn.Linear on a mapped (out, in) weight, a block of rows (LINEAR_BLOCK_BYTES) at a time.
 
     Each block's pages are given back once multiplied, so a Linear of any width costs one block of
-    weight memory (and one block's cast copy when the model's dtype is not the stored one).  Used for
-    the head and for every plain Linear of the decoder layers.
+    weight memory (and the pool's staging buffer for a block's cast copy, when the kernel computes in
+    another dtype than the stored one).  Used for the head and for every plain Linear of the layers.
     """
+
+    def __init__(self, pool: TensorPool, weight: StoredTensor, bias: StoredTensor | None, dtype: torch.dtype):
+        super().__init__(pool, weight, bias, dtype)
+        self.kernel = cpu_linear.kernel_for(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         mapped = self.pool.mapped(self.weight_stored)
@@ -97,8 +112,8 @@ class StreamedLinear(StreamedWeights):
         bias = self.bias()  # (out,)
         out = x.new_empty((*x.shape[:-1], weight.shape[0]))  # (..., out)
         for rows in formula.row_slices(weight, LINEAR_BLOCK_BYTES // weight.element_size()):
-            block = weight[rows].to(self.dtype)  # (rows, in)
-            out[..., rows] = F.linear(x, block, None if bias is None else bias[rows])
+            block_bias = None if bias is None else bias[rows]  # (rows,)
+            out[..., rows] = self.kernel.linear(x, weight[rows], block_bias, self.pool.staging)
             mapped.drop_rows(rows)
         self.pool.unmap(self.weight_stored)
         return out

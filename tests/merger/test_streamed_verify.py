@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from merger import formula, streamed_modules, verify
+from merger import cpu_linear, formula, streamed_modules, verify
 from merger.checkpoint import file_tensors
 from merger.kinds import ADAPTER_KINDS, ModuleAdapter
 from merger.merge import merge
@@ -36,17 +36,24 @@ def test_streamed_comparison_equals_the_whole_model_one(tiny_base, adapter_dir, 
     assert_same_metrics(streamed.logits, whole.logits)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_linear_streamed_in_row_blocks_computes_the_linear(tmp_path, monkeypatch, dtype):
-    """StreamedLinear, a few rows at a time, from a real safetensors file: nn.Linear's output in `dtype`."""
+@pytest.mark.parametrize(
+    ("dtype", "cpu_flags"),
+    [(torch.float32, frozenset()), (torch.bfloat16, frozenset({"avx2"})), (torch.bfloat16, frozenset({"amx_bf16"}))],
+)
+def test_a_linear_streamed_in_row_blocks_computes_the_linear(tmp_path, monkeypatch, dtype, cpu_flags):
+    """StreamedLinear, a few rows at a time, from a real safetensors file: its kernel's output on the whole
+    weight in `dtype` (on a CPU without bf16 instructions and on one with them)."""
+    monkeypatch.setattr(cpu_linear, "_this_cpu_flags", lambda: cpu_flags)
     monkeypatch.setattr(streamed_modules, "LINEAR_BLOCK_BYTES", 3 * 40 * 4)  # 3 rows of 40 fp32 features: 17 blocks
     weight, bias = torch.randn(50, 40), torch.randn(50)  # (out, in), (out,)
     save_file({"w": weight, "b": bias}, tmp_path / "linear.safetensors")
     stored = file_tensors(tmp_path / "linear.safetensors")
     linear = streamed_modules.StreamedLinear(streamed_modules.TensorPool(), stored["w"], stored["b"], dtype)
     x = torch.randn(2, 7, 40, dtype=dtype)  # (batch, seq, in)
-    expected = torch.nn.functional.linear(x, weight.to(dtype), bias.to(dtype))  # (batch, seq, out)
-    torch.testing.assert_close(linear(x), expected)
+    kernel = cpu_linear.kernel_for(dtype, cpu_flags)
+    assert linear.kernel is kernel
+    expected = kernel.linear(x, weight.to(dtype), bias.to(dtype))  # (batch, seq, out)
+    torch.testing.assert_close(linear(x), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("stored_dtype", [torch.float32, torch.bfloat16])

@@ -4,7 +4,8 @@ The same probes and merger.verify's own metric functions, but no streaming and n
 reference decodes its own greedy tokens too, so the first divergence is read off two real decodes
 rather than inferred from the reference's top-1 along the merged model's path (the merged model's logits
 are its decode's, as in verify: the logits a model serves with).  And the streamed side:
-merger.verify's comparison of the same models, with the greedy path it decoded.
+merger.verify's comparison of the same models, with the greedy path it decoded.  The whole models'
+Linears multiply with the kernel the streamed ones use for their dtype on this CPU (merger.cpu_linear).
 """
 
 from __future__ import annotations
@@ -17,11 +18,33 @@ from transformers import AutoModelForCausalLM
 
 from merger.artifact import Adapter
 from merger.checkpoint import CheckpointReader
+from merger.cpu_linear import kernel_for
 from merger.logits import first_divergence, logit_metrics
 from merger.probes import NEW_TOKENS, build_probes, greedy_decode, load_tokenizer, teacher_forced_logits
 from merger.report import LogitMetrics
 from merger.unmerged import load_unmerged
 from merger.verify import ProbeComparison, compare_on_probes, merged_source
+
+
+class _KernelLinear(torch.nn.Module):
+    """An nn.Linear multiplied by merger.cpu_linear's kernel for its dtype, as a streamed Linear is."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.linear, self.kernel = linear, kernel_for(linear.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        return self.kernel.linear(x, self.linear.weight, self.linear.bias)
+
+
+def _load(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """A whole transformers model in `dtype`, its Linears on the streamed kernels, in eval mode."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    for path, module in list(model.named_modules()):
+        if type(module) is torch.nn.Linear:
+            parent, _, name = path.rpartition(".")
+            setattr(model.get_submodule(parent), name, _KernelLinear(module))
+    return model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,15 +70,14 @@ def whole_model_run(base_dir: Path, adapter_dir: Path, merged_dir: Path, dtype: 
     """Unmerged float32 vs the merged checkpoint in `dtype`, both loaded whole."""
     probes = build_probes(load_tokenizer(base_dir))
     reference = load_unmerged(base_dir, Adapter.load(adapter_dir))
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype).eval()
+    merged = _load(merged_dir, dtype)
     return _compare_whole(reference, merged, probes)
 
 
 def whole_model_floor(base_dir: Path, dtype: torch.dtype) -> WholeRun:
     """The dtype floor: the base alone, float32 vs `dtype`, both loaded whole."""
     probes = build_probes(load_tokenizer(base_dir))
-    reference = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    return _compare_whole(reference, AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).eval(), probes)
+    return _compare_whole(_load(base_dir, torch.float32), _load(base_dir, dtype), probes)
 
 
 def streamed_run(base_dir: Path, adapter_dir: Path, merged_dir: Path, dtype: torch.dtype) -> ProbeComparison:
