@@ -7,10 +7,11 @@ Here (AMD EPYC, 2 cores, AVX2) that fallback takes 6x a float32 F.linear at a pr
 8 rows, and it rounds more often than once: a 1B bf16 verify spent 155 of its 206 s there.
 
 `Float32Accumulate` is the kernel for such a dtype on such a CPU: the weight block is upcast
-(exactly) into the pool's staging buffer a few MiB at a time, the input likewise, the product accumulated in float32
-and rounded once to the dtype, as a native bf16 GEMM with float32 accumulation (oneDNN's, vLLM's)
-computes it.  `InDtype` is F.linear in the model's dtype, for float32 and for a dtype the CPU has
-instructions for.  `kernel_for` chooses; the whole-model oracle of the tests uses the same choice.
+(exactly) into the pool's staging buffer a few MiB at a time, the input likewise, the product
+accumulated in float32 and rounded once to the dtype, as a native bf16 GEMM with float32
+accumulation (oneDNN's, vLLM's) computes it.  `InDtype` is F.linear in the model's dtype, for
+float32 and for a dtype the CPU has instructions for.  `kernel_for` chooses; the whole-model oracle
+of the tests uses the same choice.
 """
 
 from __future__ import annotations
