@@ -4,6 +4,10 @@ The cap is set before anything is imported, so it bounds everything the process 
 heap, thread stacks and memory-mapped files alike.  The child reports its peak address space and
 peak RSS (VmPeak, VmHWM) with the function's result.
 
+Each thread's stack is as large as the stack limit the process starts with (glibc's default), so the
+child starts with an 8 MiB limit whatever the caller's is: under a 64 MiB `ulimit -s`, torch's and
+OpenMP's handful of threads alone would reserve a few hundred MiB of the cap.
+
     python -m tests.support.capped CAP_BYTES MODULE:FUNCTION KWARGS_JSON RESULT_PATH
 
 is the child side; tests call `run_capped`.
@@ -11,6 +15,7 @@ is the child side; tests call `run_capped`.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import importlib
 import json
@@ -22,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+THREAD_STACK_BYTES = 8 * 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +58,17 @@ def run_capped(cap_bytes: int, target: str, kwargs: dict, timeout_s: float = 600
             timeout=timeout_s,
             capture_output=True,
             text=True,
+            preexec_fn=_limit_thread_stacks,
         )
         if done.returncode != 0 or not result_path.is_file():
             return CappedRun(done.returncode, done.stderr)
         return CappedRun(done.returncode, done.stderr, **json.loads(result_path.read_text()))
+
+
+def _limit_thread_stacks() -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_STACK)
+    soft = THREAD_STACK_BYTES if hard == resource.RLIM_INFINITY else min(THREAD_STACK_BYTES, hard)
+    resource.setrlimit(resource.RLIMIT_STACK, (soft, hard))
 
 
 # jobs
@@ -81,8 +94,16 @@ def load_whole(base: str) -> None:
     AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
 
 
+def _report_usage() -> None:
+    """At exit, on stderr: what the process had mapped and how many threads it ran (a failed run's clue)."""
+    fields = ("VmPeak", "VmSize", "VmHWM", "Threads")
+    lines = [line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(fields)]
+    print("capped child at exit:", "; ".join(" ".join(line.split()) for line in lines), file=sys.stderr)
+
+
 def _child(cap_bytes: int, target: str, kwargs_json: str, result_path: str) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (cap_bytes, cap_bytes))
+    atexit.register(_report_usage)  # also runs when a library calls exit(), as libgomp does when out of threads
     module, _, function = target.partition(":")
     result = getattr(importlib.import_module(module), function)(**json.loads(kwargs_json))
     record = {"result": result, "vm_peak_bytes": status_bytes("VmPeak"), "vm_hwm_bytes": status_bytes("VmHWM")}
