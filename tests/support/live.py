@@ -26,9 +26,18 @@ INFERENCE_HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free loopback ports.  Each is held until all are chosen: ports chosen one after another
+    can repeat (1 in ~20,000 pairs here), and a process binding twice with SO_REUSEPORT (HAProxy does)
+    silently shares one port between its two listeners."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 class LiveServer:

@@ -21,7 +21,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.replica import REPLICA_HEADER, RESIDENT_HEADER
-from tests.support.live import free_port
+from tests.support.live import free_ports
 from tests.support.processes import REPO, running
 
 HAPROXY_CONFIG = REPO / "docker" / "haproxy.cfg"
@@ -54,7 +54,7 @@ def haproxy(
 ) -> Iterator[tuple[Proxy, object]]:
     """HAProxy in the foreground in front of `servers`; yields (its URLs, its process) once its exporter answers
     (and, with `wait_up`, once its health checks found every server up)."""
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = free_ports(2)  # distinct: HAProxy would bind both frontends to one port
     name = f"haproxy-{balance or 'model-hash'}".replace(" ", "-")
     config = work_dir / f"{name}.cfg"
     config.write_text(haproxy_config(servers, port, metrics_port, balance))
