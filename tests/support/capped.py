@@ -27,7 +27,8 @@ import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-THREAD_STACK_BYTES = 8 * 2**20
+# a shell lowers the soft stack limit before exec (not preexec_fn: the pytest process may have threads)
+STACK_LIMITED = ("/bin/sh", "-c", 'ulimit -S -s 8192 2>/dev/null; exec "$@"', "capped")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +50,8 @@ def status_bytes(field: str) -> int:
 def run_capped(cap_bytes: int, target: str, kwargs: dict, timeout_s: float = 600, **env: str) -> CappedRun:
     with tempfile.TemporaryDirectory(prefix="capped-") as tmp:
         result_path = Path(tmp) / "result.json"
-        command = [sys.executable, "-m", "tests.support.capped", str(cap_bytes), target, json.dumps(kwargs),
-                   str(result_path)]  # fmt: skip
+        command = [*STACK_LIMITED, sys.executable, "-m", "tests.support.capped", str(cap_bytes), target,
+                   json.dumps(kwargs), str(result_path)]  # fmt: skip
         done = subprocess.run(
             command,
             cwd=REPO_ROOT,
@@ -58,17 +59,10 @@ def run_capped(cap_bytes: int, target: str, kwargs: dict, timeout_s: float = 600
             timeout=timeout_s,
             capture_output=True,
             text=True,
-            preexec_fn=_limit_thread_stacks,
         )
         if done.returncode != 0 or not result_path.is_file():
             return CappedRun(done.returncode, done.stderr)
         return CappedRun(done.returncode, done.stderr, **json.loads(result_path.read_text()))
-
-
-def _limit_thread_stacks() -> None:
-    _, hard = resource.getrlimit(resource.RLIMIT_STACK)
-    soft = THREAD_STACK_BYTES if hard == resource.RLIM_INFINITY else min(THREAD_STACK_BYTES, hard)
-    resource.setrlimit(resource.RLIMIT_STACK, (soft, hard))
 
 
 # jobs
